@@ -1,0 +1,283 @@
+"""Projected gradient descent over a set of objectives.
+
+The optimiser knows nothing about faces or diffusion. It receives *objectives* and owns the
+budget, the projection, 8-bit quantisation safety, masking, seeding, progress and early stop.
+
+Units: images are ``[B, C, H, W]`` floats in ``[0, 1]``; ``eps`` and ``step`` are fractions of
+the pixel range (8/255 ≈ 0.0314), never /255 integers.
+
+An :class:`Objective` is configured once (by a node) and *bound* to the clean batch by PGD:
+``objective.bind(clean)`` computes everything that depends only on the clean image (face
+boxes, clean embeddings, clean latents) once, and returns a callable evaluated every step:
+
+    bound(x_adv [B,C,H,W]) -> ObjectiveOutput(loss [B], logs {name: [B]}, reached [B] | None)
+
+PGD *minimises* the weighted sum of the objectives. With several objectives the gradient of
+each one is L2-normalised per sample before the weighted sum (IDGuardian's dual-gradient rule):
+
+    g = Σ_k w_k · ∇_δ L_k / ‖∇_δ L_k‖₂
+
+and the step is ``δ ← Π(δ − α·sign(g))`` for L∞ or ``δ ← Π(δ − α·√N·g/‖g‖₂)`` for L2, where Π
+projects onto the budget, the optional mask and the valid pixel range.
+
+L2 budget convention: ``eps`` is an RMS budget per pixel value, so ‖δ‖₂ ≤ eps·√N with N = C·H·W;
+the same number then means a similar visibility at any image size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ObjectiveOutput:
+    """What a bound objective returns for one PGD step.
+
+    loss: ``[B]`` per-sample loss to *minimise*; it must keep the autograd graph to ``x_adv``.
+    logs: ``{name: [B]}`` detached numbers to record (similarities, distances, ...).
+    reached: ``[B]`` bool, True where the objective's own target is met (for early stop), or
+        None when the objective has no target.
+    """
+
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+    reached: Optional[Tensor] = None
+
+
+BoundObjective = Callable[[Tensor], ObjectiveOutput]
+
+
+class Objective(Protocol):
+    """A loss configured once and bound to a clean batch by :func:`protect`."""
+
+    name: str
+    weight: float
+
+    def bind(self, clean: Tensor) -> BoundObjective:  # clean [B,C,H,W] in [0,1]
+        ...
+
+
+@dataclass
+class PGDConfig:
+    """Budget and schedule. ``eps`` and ``step`` are fractions of the [0, 1] pixel range."""
+
+    eps: float = 8 / 255
+    step: float = 0.005
+    iterations: int = 200
+    norm: str = "linf"  # "linf" | "l2"
+    random_start: bool = False
+    seed: int = 0
+    early_stop: bool = True
+    quantize: bool = True  # return pixels on the 8-bit grid, still within eps of the clean image
+
+    def validate(self) -> None:
+        if not (0.0 < self.eps <= 64 / 255 + 1e-9):
+            raise ValueError(
+                f"eps must be in (0, 64/255]; got {self.eps * 255:.3g}/255. "
+                "Use a budget between 1 and 64 (in /255 units); 8 is the usual choice."
+            )
+        if self.step <= 0:
+            raise ValueError(f"step must be > 0, got {self.step}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+
+
+@dataclass
+class StepRecord:
+    """One PGD step: total loss and each objective's loss and logs, all ``[B]`` CPU tensors."""
+
+    step: int
+    total: Tensor
+    losses: dict[str, Tensor]
+    logs: dict[str, Tensor]
+
+
+@dataclass
+class PGDResult:
+    protected: Tensor  # [B,C,H,W] in [0,1], detached
+    history: list[StepRecord]
+    steps_run: int
+    stopped_early: bool
+    config: PGDConfig
+
+
+class Interrupted(Exception):
+    """Raised by a callback to stop the optimisation; PGD lets it propagate."""
+
+
+def _per_sample_norm(t: Tensor) -> Tensor:
+    """L2 norm of each sample of ``t`` ``[B, ...]``, shaped ``[B, 1, 1, 1]`` for broadcasting."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta: Tensor, clean: Tensor, eps: float, norm: str, mask: Optional[Tensor] = None) -> Tensor:
+    """Project a perturbation onto the budget, the mask and the valid pixel range.
+
+    delta, clean: ``[B,C,H,W]``; mask: ``[B,1,H,W]`` in [0, 1] or None. Returns a new tensor.
+    """
+    if mask is not None:
+        delta = delta * mask
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        budget = eps * math.sqrt(delta[0].numel())
+        delta = delta * (budget / _per_sample_norm(delta)).clamp(max=1.0)
+    return (clean + delta).clamp(0.0, 1.0) - clean
+
+
+def quantize_within_budget(
+    clean: Tensor, adv: Tensor, eps: float, norm: str, mask: Optional[Tensor] = None
+) -> Tensor:
+    """Snap ``adv`` to the 8-bit grid so that what SaveImage writes still respects the budget.
+
+    The clean image is taken on its own 8-bit grid, c8 = round(255·clean); the perturbation in
+    8-bit steps is rounded *toward zero*, d = trunc(255·adv − c8), and clipped to
+    |d| ≤ floor(255·eps). Then |d| ≤ 255·|δ| per pixel, so both the L∞ and the L2 budgets
+    hold after quantisation; pixels outside a binary mask are returned unchanged (as c8/255).
+    k/255 in float32 survives SaveImage's ``uint8(255·x)`` exactly for every k (checked in tests).
+    """
+    c8 = torch.round(clean * 255.0).clamp(0, 255)
+    d = torch.trunc(adv * 255.0 - c8)
+    if norm == "linf":
+        lim = math.floor(eps * 255.0 + 1e-6)
+        d = d.clamp(-lim, lim)
+    if mask is not None:
+        d = torch.where(mask > 0, d, torch.zeros_like(d))
+    q = (c8 + d).clamp(0, 255)
+    return q / 255.0
+
+
+def combine_gradients(grads: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """IDGuardian's rule: Σ_k w_k · g_k / ‖g_k‖₂, the norm taken per sample."""
+    total = torch.zeros_like(grads[0])
+    for g, w in zip(grads, weights):
+        total = total + w * g / _per_sample_norm(g)
+    return total
+
+
+StepCallback = Callable[[int, int, Tensor, StepRecord], None]
+
+
+def protect(
+    clean: Tensor,
+    objectives: Sequence[Objective],
+    config: PGDConfig = PGDConfig(),
+    mask: Optional[Tensor] = None,
+    callback: Optional[StepCallback] = None,
+) -> PGDResult:
+    """Optimise a protective perturbation of ``clean`` that minimises the objectives.
+
+    clean: ``[B,C,H,W]`` in [0, 1] (any size); objectives: at least one :class:`Objective`;
+    mask: ``[B or 1, 1, H, W]`` in [0, 1] — only where it is > 0 may pixels change;
+    callback(step, total_steps, x_adv, record) is called after every step (progress, preview,
+    cancellation: raise :class:`Interrupted` or any exception to stop).
+
+    Early stop: when ``config.early_stop`` and every objective that reports ``reached`` reports
+    it for every sample, the optimisation stops (fewer visible changes). Samples are not dropped
+    individually; the batch stops together.
+
+    Returns a :class:`PGDResult` whose ``protected`` is detached and, with ``config.quantize``,
+    on the 8-bit grid within the budget.
+
+    Example:
+        >>> res = protect(img, [IdentityObjective(...)], PGDConfig(eps=8/255, iterations=50))
+    """
+    config.validate()
+    if not objectives:
+        raise ValueError("PGD needs at least one objective to optimise.")
+    if clean.dim() != 4:
+        raise ValueError(f"expected an image batch [B,C,H,W], got shape {tuple(clean.shape)}")
+    clean = clean.detach().clone().float()
+    if mask is not None:
+        mask = mask.detach().to(clean).expand(clean.shape[0], 1, *clean.shape[2:])
+
+    with torch.no_grad():
+        bound = [obj.bind(clean) for obj in objectives]
+    names = _unique_names([obj.name for obj in objectives])
+    weights = [float(obj.weight) for obj in objectives]
+
+    gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
+    if config.random_start:
+        noise = torch.rand(clean.shape, generator=gen) * 2 - 1
+        delta = noise.to(clean) * config.eps
+        if config.norm == "l2":
+            delta = delta / math.sqrt(3.0)  # uniform noise on [-eps, eps] has RMS eps/√3
+        delta = project(delta, clean, config.eps, config.norm, mask)
+    else:
+        delta = torch.zeros_like(clean)
+
+    history: list[StepRecord] = []
+    stopped_early = False
+    steps_run = 0
+    for step in range(config.iterations):
+        delta.requires_grad_(True)
+        x_adv = clean + delta
+        grads, losses, logs, reached_all = [], {}, {}, True
+        any_target = False
+        for name, fn in zip(names, bound):
+            out = fn(x_adv)
+            (g,) = torch.autograd.grad(out.loss.sum(), delta, retain_graph=False, allow_unused=True)
+            if g is None:
+                raise RuntimeError(
+                    f"objective {name!r} does not depend on the image: its loss has no gradient "
+                    "with respect to the pixels"
+                )
+            grads.append(g)
+            losses[name] = out.loss.detach().cpu()
+            for k, v in out.logs.items():
+                logs[f"{name}/{k}"] = v.detach().float().cpu()
+            if out.reached is not None:
+                any_target = True
+                reached_all = reached_all and bool(out.reached.all())
+            del out
+            # the graph of x_adv is rebuilt per objective: keeps peak memory to one objective
+            if len(bound) > 1:
+                x_adv = clean + delta
+        total = sum(w * losses[n] for n, w in zip(names, weights))
+        record = StepRecord(step=step, total=total, losses=losses, logs=logs)
+        history.append(record)
+        steps_run = step + 1
+
+        if config.early_stop and any_target and reached_all:
+            stopped_early = True
+            delta = delta.detach()
+            if callback is not None:
+                callback(step + 1, config.iterations, (clean + delta).detach(), record)
+            break
+
+        with torch.no_grad():
+            g = combine_gradients(grads, weights)
+            if mask is not None:
+                g = g * mask
+            if config.norm == "linf":
+                delta = delta - config.step * g.sign()
+            else:
+                scale = config.step * math.sqrt(clean[0].numel())
+                delta = delta - scale * g / _per_sample_norm(g)
+            delta = project(delta, clean, config.eps, config.norm, mask)
+        if callback is not None:
+            callback(step + 1, config.iterations, (clean + delta).detach(), record)
+
+    adv = (clean + delta.detach()).clamp(0, 1)
+    if config.quantize:
+        adv = quantize_within_budget(clean, adv, config.eps, config.norm, mask)
+    return PGDResult(
+        protected=adv.detach(), history=history, steps_run=steps_run,
+        stopped_early=stopped_early, config=config,
+    )
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out

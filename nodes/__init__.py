@@ -1,0 +1,17 @@
+"""ComfyUI V3 adapters: thin nodes that translate ComfyUI objects into the kernels' protocols."""
+
+from comfy_api.latest import ComfyExtension, io
+
+
+def _all_nodes() -> list[type[io.ComfyNode]]:
+    from . import loaders, identity, protect, report
+
+    nodes: list[type[io.ComfyNode]] = []
+    for module in (loaders, identity, protect, report):
+        nodes.extend(module.NODES)
+    return nodes
+
+
+class ImmunizeExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return _all_nodes()
