@@ -106,6 +106,8 @@ class PGDResult:
     steps_run: int
     stopped_early: bool
     config: PGDConfig
+    final_logs: dict[str, Tensor] = field(default_factory=dict)  # objectives' logs on ``protected``
+    final_losses: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Interrupted(Exception):
@@ -196,7 +198,7 @@ def protect(
         raise ValueError(f"expected an image batch [B,C,H,W], got shape {tuple(clean.shape)}")
     clean = clean.detach().clone().float()
     if mask is not None:
-        mask = mask.detach().to(clean).expand(clean.shape[0], 1, *clean.shape[2:])
+        mask = mask.detach().to(clean).expand(clean.shape[0], 1, *clean.shape[2:]).clone()
 
     with torch.no_grad():
         bound = [obj.bind(clean) for obj in objectives]
@@ -268,9 +270,16 @@ def protect(
     adv = (clean + delta.detach()).clamp(0, 1)
     if config.quantize:
         adv = quantize_within_budget(clean, adv, config.eps, config.norm, mask)
+    final_logs, final_losses = {}, {}
+    with torch.no_grad():  # what the objectives say of the image actually returned
+        for name, fn in zip(names, bound):
+            out = fn(adv)
+            final_losses[name] = out.loss.detach().float().cpu()
+            for k, v in out.logs.items():
+                final_logs[f"{name}/{k}"] = v.detach().float().cpu()
     return PGDResult(
         protected=adv.detach(), history=history, steps_run=steps_run,
-        stopped_early=stopped_early, config=config,
+        stopped_early=stopped_early, config=config, final_logs=final_logs, final_losses=final_losses,
     )
 
 

@@ -1,0 +1,125 @@
+"""IDGuardian's cross-encoder identity loss ("identity field confusion").
+
+For a clean image x and its protected version x + δ, IDGuardian minimises the summed
+similarity of the two images' identity embeddings over several encoders f_k (a face
+recogniser such as FaceNet, and a CLIP image encoder):
+
+    L_id(δ) = Σ_k w_k · s_k( f_k(A(x + δ)), f_k(A(x)) )
+
+where A aligns every detected face to the encoder's input (faces are found once, on the clean
+image, with MTCNN; the alignment is a differentiable similarity warp from the 5 landmarks, so
+the gradient reaches the full-resolution pixels) and A is the identity for CLIP encoders,
+which see the whole image.
+
+The similarity s_k depends on the encoder:
+  * centred embeddings (FaceNet, CLIP): s = cos(f(x+δ), f(x)), as in the paper;
+  * uncentred descriptors (dlib's ResNet, whose descriptors give cos ≈ 0.9 even between
+    different people): cosine is nearly blind there, so we use the recogniser's own decision
+    rule instead, s = 1 − d(f(x+δ), f(x)) / τ with d the Euclidean distance and τ its
+    same-person threshold (0.6). s starts at 1 like a cosine, and s < 0 means "a different
+    person" by the recogniser's own rule.
+With several faces in one image the loss is the mean over its faces.
+
+Early stop ("reached"): every face of the image is judged a different person by every
+recogniser with a margin, d ≥ stop_margin · τ (stop_margin = 1.5 → d ≥ 0.9 for dlib, beyond
+the typical different-person distance). Objectives with CLIP encoders only have no target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .faces import align_faces, detect_faces
+from .modules import grad_ready
+from .pgd import BoundObjective, ObjectiveOutput
+
+
+class NoFaceError(ValueError):
+    """Raised when a face recogniser is used on an image in which no face was found."""
+
+
+def _per_image(values: Tensor, owner: Tensor, batch: int, reduce: str = "mean") -> Tensor:
+    """Reduce per-face ``values [N]`` to per-image ``[B]`` (mean or amin over that image's faces)."""
+    out = torch.zeros(batch, device=values.device, dtype=values.dtype)
+    if reduce == "mean":
+        counts = torch.zeros(batch, device=values.device, dtype=values.dtype)
+        counts.index_add_(0, owner, torch.ones_like(values))
+        return out.index_add(0, owner, values) / counts.clamp_min(1)
+    out = out.fill_(float("inf"))
+    return out.scatter_reduce(0, owner, values, reduce="amin", include_self=True)
+
+
+@dataclass
+class IdentityObjective:
+    """Identity loss over face recognisers and CLIP image encoders (see module docstring).
+
+    recognizers: :class:`kernels.recognizers.FaceRecognizer` modules (aligned face chips);
+    image_encoders: :class:`kernels.clip.ImageEncoder` modules (whole image);
+    weight: the objective's weight when chained with others in PGD;
+    stop_margin: early-stop target in units of each recogniser's threshold (0 disables it);
+    min_face_prob: MTCNN detection confidence a face needs.
+    """
+
+    recognizers: Sequence[nn.Module] = ()
+    image_encoders: Sequence[nn.Module] = ()
+    weight: float = 1.0
+    stop_margin: float = 1.5
+    min_face_prob: float = 0.9
+    name: str = "identity"
+    faces: list = field(default=None, repr=False)  # set by bind, kept for reports
+
+    def __post_init__(self):
+        if not self.recognizers and not self.image_encoders:
+            raise ValueError("Identity loss needs at least one face recogniser or CLIP vision encoder.")
+
+    def bind(self, clean: Tensor) -> BoundObjective:
+        """Detect faces and embed the clean images once. clean: ``[B,3,H,W]`` in [0, 1]."""
+        batch, device = clean.shape[0], clean.device
+        recs = [grad_ready(r).to(device) for r in self.recognizers]
+        encs = [grad_ready(e).to(device) for e in self.image_encoders]
+        faces = None
+        if recs:
+            faces = detect_faces(clean, min_prob=self.min_face_prob)
+            missing = [i for i, f in enumerate(faces) if len(f.landmarks) == 0]
+            if missing:
+                raise NoFaceError(
+                    f"No face found in image(s) {missing} of the batch (MTCNN confidence ≥ "
+                    f"{self.min_face_prob}). Use a photo where the face is visible and at least "
+                    "~40 px wide, lower 'min_face_confidence', or protect with CLIP vision only."
+                )
+        self.faces = faces
+
+        with torch.no_grad():
+            clean_desc = []
+            for r in recs:
+                chips, owner = align_faces(clean, faces, r.template.to(device), r.chip_size)
+                clean_desc.append((r(chips), owner))
+            clean_emb = [e(clean) for e in encs]
+
+        def evaluate(x_adv: Tensor) -> ObjectiveOutput:
+            loss = torch.zeros(batch, device=device)
+            logs: dict[str, Tensor] = {}
+            reached = torch.ones(batch, dtype=torch.bool, device=device)
+            for r, (d0, owner) in zip(recs, clean_desc):
+                chips, _ = align_faces(x_adv, faces, r.template.to(device), r.chip_size)
+                d = r(chips)
+                dist = r.distance(d, d0)
+                sim = F.cosine_similarity(d, d0, dim=-1) if r.centred else 1.0 - dist / r.threshold
+                loss = loss + _per_image(sim, owner, batch)
+                logs[f"{r.name}/similarity"] = _per_image(sim.detach(), owner, batch)
+                min_dist = _per_image(dist.detach(), owner, batch, reduce="amin")
+                logs[f"{r.name}/distance"] = min_dist
+                reached &= min_dist >= self.stop_margin * r.threshold
+            for e, e0 in zip(encs, clean_emb):
+                sim = F.cosine_similarity(e(x_adv), e0, dim=-1)
+                loss = loss + sim
+                logs[f"{e.name}/similarity"] = sim.detach()
+            has_target = bool(recs) and self.stop_margin > 0
+            return ObjectiveOutput(loss=loss, logs=logs, reached=reached if has_target else None)
+
+        return evaluate

@@ -1,0 +1,107 @@
+"""Shared pieces of the adapters: custom io types, model folders, tensor layout, progress."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+FaceRecognizerType = io.Custom("FACE_RECOGNIZER")
+ObjectiveType = io.Custom("PROTECT_OBJECTIVE")
+ReportType = io.Custom("PROTECT_REPORT")
+
+CATEGORY = "Immunize"
+
+# model folder name → file extensions it lists
+MODEL_FOLDERS = {
+    "face_recognition": {".bin"},
+    "facenet": {".pt", ".pth", ".safetensors"},
+}
+
+
+def register_model_folders() -> None:
+    """Make ``models/face_recognition`` and ``models/facenet`` known to ComfyUI (idempotent)."""
+    for name, exts in MODEL_FOLDERS.items():
+        path = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, old = folder_paths.folder_names_and_paths[name]
+            if path not in paths:
+                paths.append(path)
+            folder_paths.folder_names_and_paths[name] = (paths, set(old) | exts)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([path], set(exts))
+
+
+def image_to_bchw(image: Tensor, input_name: str = "image") -> Tensor:
+    """ComfyUI IMAGE ``[B,H,W,C]`` → a new float tensor ``[B,3,H,W]``; clear errors otherwise."""
+    if not isinstance(image, Tensor) or image.dim() != 4:
+        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"'{input_name}' must be an IMAGE batch [B,H,W,C]; got {shape}.")
+    channels = image.shape[-1]
+    if channels == 1:
+        raise ValueError(
+            f"'{input_name}' is grayscale (1 channel). Protection works on RGB: convert it first "
+            "(e.g. load it with Load Image, which returns RGB)."
+        )
+    if channels == 4:
+        raise ValueError(
+            f"'{input_name}' has an alpha channel (4 channels). Pass the RGB image (Load Image "
+            "returns RGB plus a separate MASK; wire that MASK to 'mask' to protect only there)."
+        )
+    if channels != 3:
+        raise ValueError(f"'{input_name}' has {channels} channels; an RGB IMAGE has 3.")
+    return image.movedim(-1, 1).float().clone()
+
+
+def bchw_to_image(x: Tensor) -> Tensor:
+    """``[B,C,H,W]`` → ComfyUI IMAGE ``[B,H,W,C]`` on the intermediate device, detached."""
+    return x.detach().movedim(1, -1).contiguous().to(comfy.model_management.intermediate_device())
+
+
+def mask_to_b1hw(mask: Optional[Tensor], like: Tensor, input_name: str = "mask") -> Optional[Tensor]:
+    """ComfyUI MASK ``[H,W]`` or ``[B,H,W]`` → ``[B,1,H,W]`` matching ``like`` ``[B,C,H,W]``."""
+    if mask is None:
+        return None
+    m = mask if mask.dim() == 3 else mask.reshape(1, *mask.shape[-2:])
+    b, _, h, w = like.shape
+    if tuple(m.shape[-2:]) != (h, w):
+        raise ValueError(
+            f"'{input_name}' is {m.shape[-1]}x{m.shape[-2]} but the image is {w}x{h}. Use a mask "
+            "of the image's own size (e.g. from the same Load Image node), or resize it first."
+        )
+    if m.shape[0] not in (1, b):
+        raise ValueError(f"'{input_name}' has {m.shape[0]} masks for a batch of {b} images; use 1 or {b}.")
+    return m.float().clone().unsqueeze(1).expand(b, 1, h, w).clone()
+
+
+class Progress:
+    """ComfyUI progress bar + preview + cancellation, as a PGD step callback."""
+
+    def __init__(self, total: int, preview_every: int = 10):
+        self.bar = comfy.utils.ProgressBar(max(total, 1))
+        self.preview_every = max(1, preview_every)
+
+    def __call__(self, step: int, total: int, x_adv: Tensor, record=None) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        preview = None
+        if step % self.preview_every == 0 or step == total:
+            preview = ("JPEG", _to_pil(x_adv[0]), 512)
+        self.bar.update_absolute(step, total, preview)
+
+
+def _to_pil(x: Tensor):
+    from PIL import Image
+
+    arr = (x.detach().float().clamp(0, 1).movedim(0, -1).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(arr)
+
+
+def device() -> torch.device:
+    return comfy.model_management.get_torch_device()

@@ -1,0 +1,172 @@
+"""PGD kernel: budgets, quantisation safety, masks, gradient combination, early stop."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from immunize.kernels.pgd import (
+    ObjectiveOutput, PGDConfig, combine_gradients, protect, quantize_within_budget,
+)
+
+
+class PullTo:
+    """Toy objective: squared distance of the image to a target (minimised)."""
+
+    def __init__(self, target, weight=1.0, name="pull", stop_below=None):
+        self.target, self.weight, self.name, self.stop_below = target, weight, name, stop_below
+
+    def bind(self, clean):
+        def f(x):
+            d = (x - self.target).pow(2).flatten(1).mean(1)
+            reached = None if self.stop_below is None else d < self.stop_below
+            return ObjectiveOutput(loss=d, logs={"mse": d.detach()}, reached=reached)
+        return f
+
+
+def _img(b=2, h=24, w=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (b, 3, h, w), generator=g) / 255.0).float()
+
+
+def test_linf_budget_holds_after_8bit_save_like_comfyui():
+    clean = _img()
+    res = protect(clean, [PullTo(torch.ones_like(clean))], PGDConfig(eps=8 / 255, step=2 / 255, iterations=10))
+    # ComfyUI's SaveImage: uint8(clip(255·x)) — truncation, not rounding
+    saved = np.clip(255.0 * res.protected.numpy(), 0, 255).astype(np.uint8).astype(int)
+    orig = np.clip(255.0 * clean.numpy(), 0, 255).astype(np.uint8).astype(int)
+    assert np.abs(saved - orig).max() == 8  # the budget is used fully and never exceeded
+    assert torch.equal(res.protected * 255, torch.round(res.protected * 255))
+
+
+def test_quantize_respects_budget_for_off_grid_inputs():
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(1, 3, 16, 16, generator=g)
+    adv = (clean + (torch.rand(clean.shape, generator=g) * 2 - 1) * 0.05).clamp(0, 1)
+    q = quantize_within_budget(clean, adv, eps=6 / 255, norm="linf")
+    c8 = torch.round(clean * 255)
+    assert (q * 255 - c8).abs().max() <= 6
+    assert (torch.floor(q * 255 + 1e-4) == torch.round(q * 255)).all()
+
+
+def test_pgd_lowers_its_objective_and_moves_toward_target():
+    clean = _img(seed=3)
+    target = torch.ones_like(clean)
+    res = protect(clean, [PullTo(target)], PGDConfig(eps=16 / 255, step=4 / 255, iterations=8))
+    before = (clean - target).pow(2).mean()
+    after = (res.protected - target).pow(2).mean()
+    assert after < before - 1e-3
+    assert res.steps_run == 8 and len(res.history) == 8
+    assert float(res.history[-1].total.mean()) < float(res.history[0].total.mean())
+
+
+def test_mask_confines_changes():
+    clean = _img(b=1, h=16, w=16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :] = 1
+    res = protect(clean, [PullTo(torch.ones_like(clean))], PGDConfig(eps=8 / 255, step=2 / 255, iterations=5), mask=mask)
+    diff = (res.protected - clean).abs()
+    assert diff[..., 8:, :].max() == 0
+    assert diff[..., :8, :].max() > 0
+
+
+def test_l2_budget_is_rms_per_pixel():
+    clean = torch.full((1, 3, 32, 32), 0.5)
+    res = protect(clean, [PullTo(torch.ones_like(clean))], PGDConfig(eps=4 / 255, step=2 / 255, iterations=10, norm="l2"))
+    rms = (res.protected - clean).pow(2).mean().sqrt() * 255
+    assert 2.0 < rms <= 4.0 + 1e-4
+
+
+def test_gradients_are_normalised_per_objective():
+    big = torch.full((2, 3, 4, 4), 1000.0)
+    small = torch.zeros(2, 3, 4, 4)
+    small[:, :, 0, 0] = 1e-3
+    g = combine_gradients([big, small], [1.0, 1.0])
+    # after normalisation neither objective dominates: both unit-norm contributions survive
+    assert torch.allclose(g[:, :, 0, 0], torch.full((2, 3), 1 / math.sqrt(48) + 1 / math.sqrt(3)), atol=1e-5)
+    assert torch.allclose(g[:, :, 1, 1], torch.full((2, 3), 1 / math.sqrt(48)), atol=1e-5)
+
+
+def test_two_objectives_are_balanced_by_normalisation():
+    clean = torch.full((1, 3, 8, 8), 0.5)
+    up = torch.ones_like(clean)  # pulls every pixel up, with a 1000x larger loss
+    down = clean.clone()
+    down[..., :4] = 0.0  # pulls only the left half down
+    big = PullTo(up, name="up")
+    big_bind = big.bind
+
+    def scaled(c):
+        f = big_bind(c)
+        return lambda x: ObjectiveOutput(loss=1000 * f(x).loss)
+
+    big.bind = scaled
+    res = protect(clean, [big, PullTo(down, name="down")],
+                  PGDConfig(eps=8 / 255, step=2 / 255, iterations=4, early_stop=False))
+    d = res.protected - clean
+    # unnormalised, the 1000x loss would win everywhere; normalised, the left half's per-pixel
+    # pull down (1/sqrt(96)) beats the spread-out pull up (1/sqrt(192))
+    assert (d[..., 4:] > 0).all() and (d[..., :4] < 0).all()
+
+
+def test_early_stop_when_target_reached():
+    clean = torch.full((1, 3, 8, 8), 0.5)
+    obj = PullTo(torch.full_like(clean, 0.52), stop_below=1e-5)
+    res = protect(clean, [obj], PGDConfig(eps=16 / 255, step=1 / 255, iterations=100))
+    assert res.stopped_early and res.steps_run < 100
+    off = protect(clean, [obj], PGDConfig(eps=16 / 255, step=1 / 255, iterations=20, early_stop=False))
+    assert not off.stopped_early and off.steps_run == 20
+
+
+def test_random_start_is_seeded_and_in_budget():
+    clean = torch.full((1, 3, 8, 8), 0.5)
+    obj = PullTo(clean.clone())
+    cfg = PGDConfig(eps=8 / 255, iterations=0, random_start=True, seed=7)
+    a = protect(clean, [obj], cfg).protected
+    b = protect(clean, [obj], cfg).protected
+    c = protect(clean, [obj], PGDConfig(eps=8 / 255, iterations=0, random_start=True, seed=8)).protected
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a - clean).abs().max() * 255 <= 8 + 1e-4
+
+
+@pytest.mark.parametrize("eps", [0.0, -1 / 255, 65 / 255])
+def test_bad_budget_is_rejected_with_advice(eps):
+    with pytest.raises(ValueError, match="/255"):
+        protect(torch.zeros(1, 3, 4, 4), [PullTo(torch.ones(1, 3, 4, 4))], PGDConfig(eps=eps))
+
+
+def test_objective_without_image_dependence_is_reported():
+    class Const:
+        name, weight = "const", 1.0
+
+        def bind(self, clean):
+            return lambda x: ObjectiveOutput(loss=torch.zeros(x.shape[0], requires_grad=True))
+
+    with pytest.raises(RuntimeError, match="does not depend on the image"):
+        protect(torch.zeros(1, 3, 4, 4), [Const()], PGDConfig(iterations=1))
+
+
+def test_callback_can_cancel():
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def cb(step, total, x, rec):
+        calls.append(step)
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        protect(_img(b=1), [PullTo(torch.ones(1, 3, 24, 20))], PGDConfig(iterations=50), callback=cb)
+    assert calls == [1, 2, 3]
+
+
+def test_works_inside_inference_mode_callers():
+    # ComfyUI calls nodes under inference_mode: inputs are inference tensors
+    with torch.inference_mode():
+        clean = _img(b=1)
+        target = torch.ones_like(clean)
+    with torch.inference_mode(False):
+        res = protect(clean, [PullTo(target.clone())], PGDConfig(iterations=2), mask=torch.ones(1, 1, 24, 20))
+    assert res.protected.shape == clean.shape and not res.protected.is_inference()
