@@ -83,6 +83,13 @@ class IdentityObjective:
         recs = [grad_ready(r).to(device) for r in self.recognizers]
         encs = [grad_ready(e).to(device) for e in self.image_encoders]
         faces = None
+        for r in recs:
+            if min(clean.shape[-2:]) < r.chip_size:
+                raise ValueError(
+                    f"The image is {clean.shape[-1]}x{clean.shape[-2]} px, smaller than the {r.chip_size} px "
+                    f"face chip that {r.name} reads: there is too little face to protect reliably. Use a "
+                    f"larger photo (at least {r.chip_size} px on the short side)."
+                )
         if recs:
             faces = detect_faces(clean, min_prob=self.min_face_prob)
             missing = [i for i, f in enumerate(faces) if len(f.landmarks) == 0]

@@ -213,7 +213,11 @@ def protect(
             delta = delta / math.sqrt(3.0)  # uniform noise on [-eps, eps] has RMS eps/√3
         delta = project(delta, clean, config.eps, config.norm, mask)
     else:
-        delta = torch.zeros_like(clean)
+        # δ = 0 is a stationary point of similarity losses (cos and distances are extremal
+        # there, so the gradient is exactly 0 and sign steps never move): start from a seeded
+        # jitter of half a step instead. It is far below one 8-bit level.
+        jitter = (torch.rand(clean.shape, generator=gen) * 2 - 1) * 0.5 * min(config.step, config.eps)
+        delta = project(jitter.to(clean), clean, config.eps, config.norm, mask)
 
     history: list[StepRecord] = []
     stopped_early = False
