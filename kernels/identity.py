@@ -20,6 +20,13 @@ The similarity s_k depends on the encoder:
     person" by the recogniser's own rule.
 With several faces in one image the loss is the mean over its faces.
 
+Robustness to the attacker's own face detection: the attacker re-detects the face on the
+protected photo, and their landmarks differ from ours by a pixel or two, which changes the
+aligned chip. During optimisation each step therefore aligns with the template jittered by
+U(−j, j) chip pixels per landmark (expectation over transformations; j = ``align_jitter``),
+so the perturbation keeps working under small shifts, scalings and rotations of the crop.
+Numbers logged without gradient (the final report) use the exact template.
+
 Early stop ("reached"): every face of the image is judged a different person by every
 recogniser with a margin, d ≥ stop_margin · τ (stop_margin = 1.5 → d ≥ 0.9 for dlib, beyond
 the typical different-person distance). Objectives with CLIP encoders only have no target.
@@ -62,7 +69,8 @@ class IdentityObjective:
     image_encoders: :class:`kernels.clip.ImageEncoder` modules (whole image);
     weight: the objective's weight when chained with others in PGD;
     stop_margin: early-stop target in units of each recogniser's threshold (0 disables it);
-    min_face_prob: MTCNN detection confidence a face needs.
+    min_face_prob: MTCNN detection confidence a face needs;
+    align_jitter: landmark jitter in chip pixels during optimisation (0 disables it).
     """
 
     recognizers: Sequence[nn.Module] = ()
@@ -70,6 +78,8 @@ class IdentityObjective:
     weight: float = 1.0
     stop_margin: float = 1.5
     min_face_prob: float = 0.9
+    align_jitter: float = 2.0
+    seed: int = 0
     name: str = "identity"
     faces: list = field(default=None, repr=False)  # set by bind, kept for reports
 
@@ -80,8 +90,10 @@ class IdentityObjective:
     def bind(self, clean: Tensor) -> BoundObjective:
         """Detect faces and embed the clean images once. clean: ``[B,3,H,W]`` in [0, 1]."""
         batch, device = clean.shape[0], clean.device
-        recs = [grad_ready(r).to(device) for r in self.recognizers]
-        encs = [grad_ready(e).to(device) for e in self.image_encoders]
+        # half precision is slow and inexact on the CPU: differentiate in float32 there
+        dtype = torch.float32 if device.type == "cpu" else None
+        recs = [grad_ready(r, dtype).to(device) for r in self.recognizers]
+        encs = [grad_ready(e, dtype).to(device) for e in self.image_encoders]
         faces = None
         for r in recs:
             if min(clean.shape[-2:]) < r.chip_size:
@@ -108,12 +120,20 @@ class IdentityObjective:
                 clean_desc.append((r(chips), owner))
             clean_emb = [e(clean) for e in encs]
 
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def template(r) -> Tensor:
+            t = r.template
+            if self.align_jitter > 0 and torch.is_grad_enabled():
+                t = t + (torch.rand(t.shape, generator=gen) * 2 - 1) * self.align_jitter
+            return t.to(device)
+
         def evaluate(x_adv: Tensor) -> ObjectiveOutput:
             loss = torch.zeros(batch, device=device)
             logs: dict[str, Tensor] = {}
             reached = torch.ones(batch, dtype=torch.bool, device=device)
             for r, (d0, owner) in zip(recs, clean_desc):
-                chips, _ = align_faces(x_adv, faces, r.template.to(device), r.chip_size)
+                chips, _ = align_faces(x_adv, faces, template(r), r.chip_size)
                 d = r(chips)
                 dist = r.distance(d, d0)
                 sim = F.cosine_similarity(d, d0, dim=-1) if r.centred else 1.0 - dist / r.threshold

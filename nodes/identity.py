@@ -33,6 +33,9 @@ class IdentityLoss(io.ComfyNode):
                                        "same-person threshold (1.5 → 0.9 for dlib). 0 disables the target."),
                 io.Float.Input("min_face_confidence", default=0.9, min=0.1, max=1.0, step=0.01,
                                tooltip="MTCNN confidence a face needs to be protected."),
+                io.Float.Input("align_jitter", default=2.0, min=0.0, max=10.0, step=0.5,
+                               tooltip="Random landmark jitter (face-chip pixels) at every step, so the protection "
+                                       "survives the attacker's own, slightly different face crop. 0 disables it."),
                 ObjectiveType.Input("objective", optional=True,
                                     tooltip="Objectives to chain before this one."),
             ],
@@ -40,15 +43,15 @@ class IdentityLoss(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, weight, stop_margin, min_face_confidence, recognizer=None, clip_vision=None,
-                objective=None) -> io.NodeOutput:
+    def execute(cls, weight, stop_margin, min_face_confidence, align_jitter=2.0, recognizer=None,
+                clip_vision=None, objective=None) -> io.NodeOutput:
         if recognizer is None and clip_vision is None:
             raise ValueError("Identity Loss: connect a 'recognizer' (Load Face Recognizer) and/or a "
                              "'clip_vision' (Load CLIP Vision / Load OpenCLIP Vision).")
         obj = IdentityObjective(
             recognizers=[recognizer] if recognizer is not None else [],
             image_encoders=[as_image_encoder(clip_vision)] if clip_vision is not None else [],
-            weight=weight, stop_margin=stop_margin, min_face_prob=min_face_confidence,
+            weight=weight, stop_margin=stop_margin, min_face_prob=min_face_confidence, align_jitter=align_jitter,
         )
         return io.NodeOutput(tuple(objective or ()) + (obj,))
 

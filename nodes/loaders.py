@@ -124,13 +124,17 @@ def load_open_clip_vision(path: str, architecture: str) -> ImageEncoder:
         visual = sd  # a vision-tower-only checkpoint
     model = open_clip.create_model(architecture, pretrained=None)
     tower = model.visual
-    missing, unexpected = tower.load_state_dict(visual, strict=False)
-    if missing or len(unexpected) > 0:
+    try:
+        missing, unexpected = tower.load_state_dict(visual, strict=False)
+        problem = (f"{len(missing)} missing, {len(unexpected)} unexpected weights, e.g. "
+                   f"{(list(missing) + list(unexpected))[:3]}") if missing or unexpected else None
+    except RuntimeError as e:  # same names, other shapes
+        problem = str(e).splitlines()[-1].strip()
+    if problem:
         raise ValueError(
             f"clip_name {os.path.basename(path)!r} does not fit open_clip architecture {architecture!r} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected weights, e.g. "
-            f"{(list(missing) + list(unexpected))[:3]}). Pick the architecture it was trained with; for "
-            "ComfyUI-format CLIP vision files use ComfyUI's own Load CLIP Vision node."
+            f"({problem}). Pick the architecture it was trained with; for ComfyUI-format CLIP vision "
+            "files use ComfyUI's own Load CLIP Vision node."
         )
     tower.eval().requires_grad_(False)
     cfg = getattr(tower, "preprocess_cfg", {}) or {}
@@ -155,7 +159,11 @@ def as_image_encoder(clip_vision) -> ImageEncoder:
 
 
 def _comfy_image_embeds(model, pixels):
-    return model(pixel_values=pixels)[2]
+    # ComfyUI's CLIP layers add residuals in place (x += attn(norm(x))), which autograd refuses
+    # to differentiate; functionalize runs the same code with out-of-place ops.
+    from torch.func import functionalize
+
+    return functionalize(lambda px: model(pixel_values=px)[2])(pixels)
 
 
 NODES = [LoadFaceRecognizer, LoadOpenCLIP]
