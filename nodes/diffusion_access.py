@@ -240,8 +240,13 @@ class DenoiserAccess:
         self._conds[key] = out
         return out
 
-    def eps(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
-        """ε̂ ``[B,c,h,w]`` at integer DDPM timesteps ``t`` ``[B]`` for x_t in DDPM scaling."""
+    def eps(self, x_t: Tensor, t: Tensor, cond: Any, transformer_options: Optional[dict] = None) -> Tensor:
+        """ε̂ ``[B,c,h,w]`` at integer DDPM timesteps ``t`` ``[B]`` for x_t in DDPM scaling.
+
+        ``transformer_options`` reaches the UNet's transformer blocks as in sampling: attention
+        patches (``patches_replace["attn2"]``: capture, IP-Adapter injection) go there. It is
+        built per call by the objective that needs it and never stored on the user's model.
+        """
         out_device = x_t.device
         x_t = x_t.to(self.device).float()
         a = self.alphas_cumprod.to(self.device)[t.to(self.device)].view(-1, 1, 1, 1)
@@ -249,7 +254,8 @@ class DenoiserAccess:
         x = x_t / a.sqrt()
         preds = []
         for kwargs in self._model_conds(cond, x):
-            denoised = self.model.apply_model(x, sigma.flatten(), transformer_options={}, **kwargs)
+            opts = dict(transformer_options) if transformer_options else {}
+            denoised = self.model.apply_model(x, sigma.flatten(), transformer_options=opts, **kwargs)
             preds.append((x - denoised.float()) / sigma)
         return (sum(preds) / len(preds)).to(out_device)
 

@@ -84,6 +84,7 @@ def test_load_through_comfyui_own_loader(comfy, tmp_path):
     assert ok
     ours = {k for k in comfy_nodes.NODE_CLASS_MAPPINGS if k.startswith("Immunize")}
     assert {"ImmunizeLoadFaceRecognizer", "ImmunizeLoadOpenCLIP", "ImmunizeIdentityLoss",
+            "ImmunizeDenoisingLoss", "ImmunizeEncoderAttack",
             "ImmunizePGDProtect", "ImmunizeProtectionReport"} <= ours
     for k in ours:  # every input has a tooltip
         schema = comfy_nodes.NODE_CLASS_MAPPINGS[k].GET_SCHEMA()
