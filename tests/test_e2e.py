@@ -231,3 +231,21 @@ def _check_budget(wf, pgd_id, pgd, engine, result, inputs):
                 assert rms <= eps + 0.01, f"{f.name}: RMS perturbation {rms:.3f}/255 > ε={eps}/255"
             else:
                 assert linf <= eps + 1e-6, f"{f.name}: max |δ| = {linf}/255 > ε={eps}/255"
+
+
+def test_bad_input_reports_a_clear_error_and_the_server_stays_up(engine, object_info, fixtures):
+    """A photo without a face fails with an actionable message; the next prompt still runs."""
+    path = ROOT / "workflows" / "api" / "identity_protect.json"
+    wf = engine_mod.load_workflow(path)
+    _prepare_workflow(wf, engine, object_info, _face_photos(fixtures))
+    blank = engine.input_dir / "e2e_blank.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(blank)
+    for _, node in engine_mod.nodes_of(wf, "LoadImage"):
+        node["inputs"]["image"] = blank.name
+    with pytest.raises(engine_mod.EngineError, match="No face found"):
+        engine.run(wf, timeout=PROMPT_TIMEOUT_S)
+    assert engine.proc.poll() is None, "the server died on bad input"
+
+    wf = engine_mod.load_workflow(path)
+    _prepare_workflow(wf, engine, object_info, _face_photos(fixtures))
+    assert engine.run(wf, timeout=PROMPT_TIMEOUT_S).files
