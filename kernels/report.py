@@ -94,17 +94,28 @@ class ProtectionReport:
             w.writerows(rows)
         return jpath, cpath
 
-    def render(self, width_px: int = 1200, height_px: int = 500) -> Tensor:
-        """A chart as an image ``[1,H,W,3]`` in [0, 1]: loss curves, identity similarities, quality."""
+    def render(self, width_px: int = 1200, height_px: int = 820) -> Tensor:
+        """A chart as an image ``[1,H,W,3]`` in [0, 1]: the first image (clean, protected, the
+        perturbation amplified to the budget), loss curves, identity similarities, quality."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         rows = self.rows()
+        cfg = self.result.config
         dpi = 100
-        fig, axes = plt.subplots(1, 3, figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-        ax = axes[0]
+        fig, axes = plt.subplots(2, 3, figsize=(width_px / dpi, height_px / dpi), dpi=dpi,
+                                 gridspec_kw={"height_ratios": [1, 1.1]})
+        clean, prot = self.clean[0].float(), self.protected[0].float()
+        view = (0.5 + (prot - clean) / (2 * cfg.eps)).clamp(0, 1)
+        for ax, img, title in zip(axes[0], (clean, prot, view),
+                                  ("clean", "protected", f"perturbation (×{0.5 / cfg.eps:.0f})")):
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_title(title)
+            ax.axis("off")
+
+        ax = axes[1][0]
         for name, ys in self.curves().items():
             ax.plot(range(1, len(ys) + 1), ys, label=name)
         ax.set_title("loss (minimised)")
@@ -112,7 +123,7 @@ class ProtectionReport:
         if ax.lines:
             ax.legend(fontsize=7)
 
-        ax = axes[1]
+        ax = axes[1][1]
         sim_keys = [k for k in rows[0] if k.endswith("/similarity") or k.endswith("/distance")] if rows else []
         if sim_keys:
             means = [float(np.nanmean([r[k] for r in rows])) for k in sim_keys]
@@ -120,13 +131,16 @@ class ProtectionReport:
             ax.set_yticks(range(len(sim_keys)), [k.replace("/", "\n") for k in sim_keys], fontsize=7)
             for y, v in enumerate(means):
                 ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
+            ax.axvline(0, color="k", lw=0.5)
+        else:
+            ax.axis("off")
         ax.set_title("clean ↔ protected (batch mean)")
 
-        ax = axes[2]
+        ax = axes[1][2]
         ax.axis("off")
         lines = [f"images: {self.batch}   steps: {self.result.steps_run}"
                  + ("  (early stop)" if self.result.stopped_early else ""),
-                 f"budget: {self.result.config.norm} ε = {self.result.config.eps * 255:.3g}/255", ""]
+                 f"budget: {cfg.norm} ε = {cfg.eps * 255:.3g}/255", ""]
         for r in rows[:8]:
             lines.append(f"#{r['image']}: PSNR {r['psnr_db']:.2f} dB  SSIM {r['ssim']:.4f}  "
                          f"L∞ {r['linf_255']:.0f}/255")
