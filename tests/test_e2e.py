@@ -48,6 +48,23 @@ def _load_engine_module():
 engine_mod = _load_engine_module()
 
 
+TINY_CHECKPOINT = "immunize_tiny_sd15.safetensors"
+
+
+def _tiny_checkpoint(dest: Path) -> None:
+    """A random-weight SD1.5-family checkpoint that ComfyUI's loader detects (built in-process
+    with the vendored ComfyUI's classes, then served to the server as a file)."""
+    from immunize.tests.tiny_checkpoint import make_tiny_sd15_checkpoint
+
+    comfy_dir = str(engine_mod.find_comfyui())
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    make_tiny_sd15_checkpoint(dest)
+
+
 def _face_photos(fixtures: Path) -> list[Path]:
     photos = sorted((fixtures / "faces").glob("*/*.png"))
     if not photos:
@@ -67,6 +84,8 @@ def engine(fixtures, tmp_path_factory):
     for f in faceapi.iterdir():
         if f.is_file():
             shutil.copyfile(f, eng.models_dir("face_recognition") / f.name)
+    if any(engine_mod.nodes_of(engine_mod.load_workflow(w), "CheckpointLoaderSimple") for w in WORKFLOWS):
+        _tiny_checkpoint(eng.models_dir("checkpoints") / TINY_CHECKPOINT)
     eng.start()
     try:
         yield eng
@@ -159,6 +178,8 @@ def _prepare_workflow(wf: dict, engine, object_info: dict, photos: list[Path]) -
                 continue
             if not options:
                 pytest.skip(f"node {node_id} ({node['class_type']}).{name}={value!r}: no model files for it here")
+            if node["class_type"] == "CheckpointLoaderSimple" and TINY_CHECKPOINT in options:
+                node["inputs"][name] = TINY_CHECKPOINT
             if node["class_type"] == "ImmunizeLoadFaceRecognizer":
                 faceapi = [o for o in options if "face_recognition_model" in o]
                 if faceapi:
