@@ -159,8 +159,9 @@ def check_supported_model(patcher: Any) -> None:
     if not ok:
         mtype = getattr(getattr(base, "model_type", None), "name", "?")
         raise ValueError(
-            f"Immunize Denoising Loss supports Stable Diffusion 1.x/2.x and SDXL models; this "
-            f"MODEL is {family} ({type(base).__name__}, {mtype} prediction), which is not supported."
+            f"'model': Immunize's diffusion nodes support Stable Diffusion 1.x/2.x and SDXL models; "
+            f"this MODEL is {family} ({type(base).__name__}, {mtype} prediction), which is not "
+            "supported yet. Load an SD1.5 or SDXL checkpoint for this node."
         )
 
 
