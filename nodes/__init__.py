@@ -4,10 +4,10 @@ from comfy_api.latest import ComfyExtension, io
 
 
 def _all_nodes() -> list[type[io.ComfyNode]]:
-    from . import antipure, baselines, customize, identity, loaders, protect, report
+    from . import antipure, baselines, customize, identity, loaders, protect, purify, report
 
     nodes: list[type[io.ComfyNode]] = []
-    for module in (loaders, identity, baselines, antipure, protect, customize, report):
+    for module in (loaders, identity, baselines, antipure, protect, purify, customize, report):
         nodes.extend(module.NODES)
     return nodes
 
