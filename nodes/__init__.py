@@ -4,10 +4,11 @@ from comfy_api.latest import ComfyExtension, io
 
 
 def _all_nodes() -> list[type[io.ComfyNode]]:
-    from . import antipure, baselines, customize, identity, loaders, protect, purify, report
+    from . import antipure, baselines, customize, danp, identity, ipadapter, loaders, protect, purify, report, scores
 
     nodes: list[type[io.ComfyNode]] = []
-    for module in (loaders, identity, baselines, antipure, protect, purify, customize, report):
+    for module in (loaders, identity, baselines, antipure, danp, ipadapter, protect, purify, customize, scores,
+                   report):
         nodes.extend(module.NODES)
     return nodes
 

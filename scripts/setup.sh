@@ -53,6 +53,11 @@ pip -r "$reqs" requests "${TORCH_PINS[@]}"
 echo "setup: $FACENET (--no-deps)"
 pip --no-deps "$FACENET"
 
+# BRISQUE: only the package's bundled LIVE regressor files are read (kernels/brisque.py); its
+# own code needs OpenCV and libsvm, which the pack does not use.
+echo "setup: brisque==0.2.0 (--no-deps, model files only)"
+pip --no-deps brisque==0.2.0
+
 echo "setup: pack requirements + test tools"
 pip -r "$ROOT/requirements.txt" pytest requests "${TORCH_PINS[@]}"
 

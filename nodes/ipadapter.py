@@ -1,0 +1,324 @@
+"""IP-Adapter loader and the Identity Bridge objective (IDGuardian's guided flow identity deflection).
+
+The math is in ``kernels/ipadapter.py`` (decoupled cross-attention, projections, loader) and
+``kernels/bridge.py`` (the bridge S* and its two PGD modes). This file only connects ComfyUI's
+objects to them:
+
+- the IP branch enters the UNet as ``patches_replace["attn2"]`` entries in the
+  ``transformer_options`` of one ε̂ call (:class:`IPAttn2Patch`), keyed
+  ``(block, block_id, transformer_index)`` like ComfyUI's own attention patches; nothing is ever
+  stored on the user's MODEL;
+- the image tokens come from a grad-usable copy of the CLIP_VISION (projected image embedding
+  for plain IP-Adapters, penultimate hidden states via ``intermediate_output=-2`` for the others)
+  and a copy of the IP-Adapter, both made in ``bind``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+import comfy.model_management
+import folder_paths
+from comfy_api.latest import io
+
+from ..kernels.clip import ImageEncoder
+from ..kernels.ipadapter import IPAdapter, IPLayer, family_of, ip_attention, load_ipadapter
+from ..kernels.modules import grad_ready
+from .common import CATEGORY, ObjectiveType
+from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder, model_family
+from .loaders import OpenClipVision, as_image_encoder
+
+IPAdapterType = io.Custom("IMMUNIZE_IPADAPTER")
+
+IPADAPTER_FOLDER = "ipadapter"
+IPADAPTER_EXTENSIONS = {".safetensors", ".bin"}
+
+
+def register_ipadapter_folder() -> None:
+    """Make ``models/ipadapter`` known to ComfyUI (idempotent; shares it with other IP-Adapter packs)."""
+    path = os.path.join(folder_paths.models_dir, IPADAPTER_FOLDER)
+    if IPADAPTER_FOLDER in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[IPADAPTER_FOLDER]
+        if path not in paths:
+            paths.append(path)
+        folder_paths.folder_names_and_paths[IPADAPTER_FOLDER] = (paths, set(exts) | IPADAPTER_EXTENSIONS)
+    else:
+        folder_paths.folder_names_and_paths[IPADAPTER_FOLDER] = ([path], set(IPADAPTER_EXTENSIONS))
+
+
+register_ipadapter_folder()
+
+
+# --------------------------------------------------------------------------- UNet side
+
+
+def unet_attn2_layers(patcher: Any) -> list[dict]:
+    """The MODEL's cross-attention layers in IP-Adapter order (input → output → middle blocks).
+
+    Each entry: ``key`` (block, block_id, transformer_index) as ComfyUI's attn2 patches use it,
+    ``heads``, ``inner`` (attention width C) and ``context`` (text width D).
+    """
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    dm = patcher.model.diffusion_model
+    groups = [("input", list(dm.input_blocks)), ("output", list(dm.output_blocks)),
+              ("middle", [dm.middle_block] if getattr(dm, "middle_block", None) is not None else [])]
+    layers = []
+    for block, modules in groups:
+        for block_id, module in enumerate(modules):
+            for layer in module:
+                if not isinstance(layer, SpatialTransformer):
+                    continue
+                for i, tb in enumerate(layer.transformer_blocks):
+                    if getattr(tb, "attn2", None) is None:
+                        continue
+                    w = tb.attn2.to_k.weight
+                    layers.append({"key": (block, block_id, i), "heads": int(tb.n_heads),
+                                   "inner": int(w.shape[0]), "context": int(w.shape[1])})
+    return layers
+
+
+def check_ipadapter_fits(ipadapter: IPAdapter, patcher: Any) -> list[dict]:
+    """The MODEL's attn2 layers, after checking that ``ipadapter`` was made for this model."""
+    layers = unet_attn2_layers(patcher)
+    cfg = ipadapter.config
+    ctx = sorted({l["context"] for l in layers})
+    fits = (len(layers) == len(cfg.layer_ids) and ctx == [cfg.cross_dim]
+            and [l["inner"] for l in layers] == list(cfg.inner_dims))
+    if not fits:
+        model_ctx = ctx[0] if len(ctx) == 1 else ctx
+        raise ValueError(
+            f"ipadapter {cfg.name!r} is a {cfg.describe()}, but MODEL is {model_family(patcher)} "
+            f"({family_of(model_ctx) if isinstance(model_ctx, int) else model_ctx}: cross_attention_dim "
+            f"{model_ctx}, {len(layers)} cross-attention layers). Load the IP-Adapter made for this model "
+            "(ip-adapter*_sd15 for SD1.5, ip-adapter*_sdxl* for SDXL)."
+        )
+    return layers
+
+
+class IPAttn2Patch:
+    """attn2 replace patch: ComfyUI hands it q = to_q(n), k = to_k(text), v = to_v(text); it returns
+    Attn(q,k,v) + λ·Attn(q, to_k_ip(tokens), to_v_ip(tokens)) (before the block's ``to_out``)."""
+
+    def __init__(self, layer: IPLayer, tokens: Tensor, scale: float):
+        self.layer, self.tokens, self.scale = layer, tokens, float(scale)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
+        heads = extra_options["n_heads"]
+        tokens = self.tokens.to(q.device, self.layer.to_k_ip.weight.dtype)
+        k_img, v_img = self.layer.to_k_ip(tokens), self.layer.to_v_ip(tokens)
+        return ip_attention(q, k, v, k_img, v_img, heads, self.scale).to(q.dtype)
+
+
+class IPAdapterDenoiser:
+    """The bridge's denoiser protocol: ε̂(x_t, t | text cond, image tokens) for a ComfyUI MODEL.
+
+    access: a :class:`DenoiserAccess` (private UNet copy); ipadapter: a grad-usable copy;
+    layers: from :func:`check_ipadapter_fits`; scale: λ.
+    """
+
+    def __init__(self, access: DenoiserAccess, cond: Any, ipadapter: IPAdapter, layers: list[dict],
+                 scale: float):
+        self.access, self.cond, self.ipadapter, self.scale = access, cond, ipadapter, float(scale)
+        self.keys = [l["key"] for l in layers]
+        self.alphas_cumprod = access.alphas_cumprod
+
+    def transformer_options(self, tokens: Tensor) -> dict:
+        patches = {key: IPAttn2Patch(layer, tokens, self.scale) for key, layer in zip(self.keys, self.ipadapter.layers)}
+        return {"patches_replace": {"attn2": patches}}
+
+    def eps(self, x_t: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
+        return self.access.eps(x_t, t, self.cond, transformer_options=self.transformer_options(tokens))
+
+
+# --------------------------------------------------------------------------- CLIP side
+
+
+def clip_features_encoder(clip_vision: Any, features: str) -> ImageEncoder:
+    """A differentiable CLIP encoder giving what the IP-Adapter reads (not yet a private copy).
+
+    features: ``image_embeds`` (projected embedding ``[B,d]``) or ``penultimate`` (hidden states
+    ``[B,P,w]`` of the second-to-last layer, ComfyUI's ``intermediate_output=-2``).
+    """
+    if features == "image_embeds":
+        return as_image_encoder(clip_vision)
+    if isinstance(clip_vision, OpenClipVision):
+        raise ValueError("clip_vision: plus / full-face IP-Adapters read CLIP's penultimate hidden states, which "
+                         "Load OpenCLIP Vision does not expose. Load the CLIP vision model with ComfyUI's "
+                         "Load CLIP Vision node.")
+    if not (hasattr(clip_vision, "model") and hasattr(clip_vision, "patcher")):
+        raise ValueError(f"clip_vision: unsupported object {type(clip_vision).__name__}; use Load CLIP Vision.")
+    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    return ImageEncoder(f"clip_vision-penultimate-{type(clip_vision.model).__name__}", clip_vision.model,
+                        _penultimate_states, size=clip_vision.image_size, mean=clip_vision.image_mean,
+                        std=clip_vision.image_std)
+
+
+def _penultimate_states(model, pixels):
+    # ComfyUI's CLIP layers add residuals in place; functionalize makes them autograd-friendly.
+    from torch.func import functionalize
+
+    return functionalize(lambda px: model(pixel_values=px, intermediate_output=-2)[1])(pixels)
+
+
+def _clip_width(clip_vision: Any, features: str) -> Optional[int]:
+    """The width of the CLIP features, read from the weights when that is cheap (else None)."""
+    model = getattr(clip_vision, "model", None)
+    try:
+        if features == "image_embeds":
+            return int(model.visual_projection.weight.shape[0])
+        return int(model.vision_model.embeddings.patch_embedding.weight.shape[0])
+    except AttributeError:
+        return None
+
+
+# --------------------------------------------------------------------------- objective
+
+
+class ComfyIdentityBridgeObjective:
+    """PGD objective: :class:`~kernels.bridge.IdentityBridge` on ComfyUI's MODEL, VAE, CLIP_VISION
+    and an IMMUNIZE_IPADAPTER. Validates in ``__init__``; private copies are made in ``bind``."""
+
+    def __init__(self, model: Any, vae: Any, clip_vision: Any, ipadapter: IPAdapter, conditioning: Any,
+                 t_min: int, t_max: int, mode: str = "paper", ip_scale: float = 1.0, weight: float = 1.0,
+                 seed: int = 0, draws: int = 1, name: str = "bridge"):
+        from ..kernels.bridge import MODES
+        from ..kernels.denoising import check_timestep_range
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(ipadapter, IPAdapter):
+            raise ValueError(f"ipadapter: expected an IMMUNIZE_IPADAPTER (Immunize Load IP-Adapter), got "
+                             f"{type(ipadapter).__name__}.")
+        check_supported_model(model)
+        check_timestep_range(t_min, t_max)
+        check_ipadapter_fits(ipadapter, model)
+        if not conditioning:
+            raise ValueError("positive: the Identity Bridge needs a CONDITIONING (e.g. CLIP Text Encode of "
+                             "'a photo of a person').")
+        if getattr(vae, "first_stage_model", None) is None:
+            raise ValueError("vae: this VAE has no weights (first_stage_model is None)")
+        if clip_vision is None:
+            raise ValueError("clip_vision: connect the CLIP vision model the IP-Adapter was trained with.")
+        width = _clip_width(clip_vision, ipadapter.config.features)
+        if width is not None and width != ipadapter.config.clip_dim:
+            raise ValueError(
+                f"clip_vision gives {ipadapter.config.features} of width {width}, but the {ipadapter.config.describe()} "
+                f"needs width {ipadapter.config.clip_dim}. Use the CLIP vision model it was trained with (ViT-H/14 "
+                "for ip-adapter_sd15/-plus and *_vit-h; ViT-bigG/14 for ip-adapter_sdxl)."
+            )
+        self.model, self.vae, self.clip_vision, self.ipadapter = model, vae, clip_vision, ipadapter
+        self.conditioning, self.t_min, self.t_max = conditioning, int(t_min), int(t_max)
+        self.mode, self.ip_scale, self.weight = mode, float(ip_scale), float(weight)
+        self.seed, self.draws, self.name = int(seed), int(draws), name
+
+    def build(self):
+        """The kernel objective with fresh private copies (call outside inference mode)."""
+        from ..kernels.bridge import IdentityBridge
+
+        with torch.inference_mode(False):
+            layers = check_ipadapter_fits(self.ipadapter, self.model)
+            vae = VAEAccess(self.vae)
+            access = DenoiserAccess(self.model)
+            ip = grad_ready(self.ipadapter, torch.float32).to(access.device)
+            clip = grad_ready(clip_features_encoder(self.clip_vision, ip.config.features)).to(access.device)
+            denoiser = IPAdapterDenoiser(access, self.conditioning, ip, layers, self.ip_scale)
+            rgb = getattr(getattr(self.model.model, "latent_format", None), "latent_rgb_factors", None)
+            return IdentityBridge(
+                encoder=latent_encoder(vae, access), image_tokens=lambda x: ip.tokens(clip(x.to(access.device))),
+                denoiser=denoiser, mode=self.mode, t_min=self.t_min, t_max=self.t_max, draws=self.draws,
+                seed=self.seed, multiple=vae.multiple, latent_rgb=None if rgb is None else torch.tensor(rgb),
+                weight=self.weight, name=self.name,
+            )
+
+    def bind(self, clean: Tensor):
+        return self.build().bind(clean.clone())
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class ImmunizeLoadIPAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ImmunizeLoadIPAdapter",
+            display_name="Immunize Load IP-Adapter",
+            category=f"{CATEGORY}/loaders",
+            description=(
+                "Loads an IP-Adapter (plain, plus, plus-face or full-face; SD1.5 or SDXL, detected from the "
+                "tensors) from models/ipadapter for the Identity Bridge objective. Local files only."
+            ),
+            inputs=[
+                io.Combo.Input("ipadapter_name", options=folder_paths.get_filename_list(IPADAPTER_FOLDER),
+                               tooltip="An IP-Adapter .safetensors (or .bin) in models/ipadapter, e.g. "
+                                       "ip-adapter-plus-face_sd15.safetensors."),
+            ],
+            outputs=[IPAdapterType.Output("ipadapter", display_name="IMMUNIZE_IPADAPTER")],
+        )
+
+    @classmethod
+    def execute(cls, ipadapter_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path(IPADAPTER_FOLDER, ipadapter_name)
+        if path is None:
+            raise ValueError(f"ipadapter_name: {ipadapter_name!r} not found in models/{IPADAPTER_FOLDER}. Put the "
+                             "file there and refresh the node list.")
+        return io.NodeOutput(load_ipadapter(path))
+
+
+class ImmunizeIdentityBridge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ImmunizeIdentityBridge",
+            display_name="Identity Bridge (IDGuardian, IP-Adapter)",
+            category=f"{CATEGORY}/objectives",
+            description=(
+                "IDGuardian's adversarial conceptual bridge: makes the diffusion model, conditioned on the photo "
+                "through an IP-Adapter, predict noise as if shown another identity. S* = −(ε(x_t,t,y_adv) − "
+                "ε(x_t,t,y_clean))/√(1−ᾱ_t). Chain it with Identity Loss; SD1.x and SDXL."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the IP-Adapter belongs to (SD1.x or SDXL); it is "
+                               "copied, never modified."),
+                io.Vae.Input("vae", tooltip="The VAE that maps the image to this model's latents."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the IP-Adapter was trained with "
+                                    "(ViT-H/14 for most; ViT-bigG/14 for ip-adapter_sdxl)."),
+                IPAdapterType.Input("ipadapter", tooltip="From Immunize Load IP-Adapter; must match the model "
+                                    "family (SD1.5 vs SDXL)."),
+                io.Conditioning.Input("positive", tooltip="Text conditioning for the noise prediction, e.g. CLIP "
+                                      "Text Encode of 'a photo of a person'."),
+                io.Int.Input("t_min", default=100, min=0, max=999, step=1,
+                             tooltip="Lowest DDPM timestep (of 1000) to draw noise levels from."),
+                io.Int.Input("t_max", default=700, min=0, max=999, step=1,
+                             tooltip="Highest DDPM timestep (of 1000) to draw noise levels from."),
+                io.Combo.Input("mode", options=["paper", "vae"], default="paper",
+                               tooltip="paper: step along the latent score shift S* upsampled to pixels (cheap, no "
+                                       "VAE backward). vae: maximise ‖ε(y_adv) − sg ε(y_clean)‖² by back-propagation "
+                                       "through the IP-Adapter image path and the VAE encoder (slower)."),
+                io.Float.Input("ip_scale", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="IP-Adapter strength λ in Attn(text) + λ·Attn(image), as an attacker "
+                                       "would use it (1.0 is the usual setting)."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Relative weight of this objective when several are combined (each "
+                                       "gradient is normalised first, so 1.0 means an equal share)."),
+                ObjectiveType.Input("objective", optional=True,
+                                    tooltip="Objectives to combine with this one (e.g. Identity Loss); connect the "
+                                            "last one to Immunize PGD."),
+            ],
+            outputs=[ObjectiveType.Output("objective_out", display_name="objective")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, clip_vision, ipadapter, positive, t_min, t_max, mode, ip_scale, weight,
+                objective=None) -> io.NodeOutput:
+        new = ComfyIdentityBridgeObjective(model, vae, clip_vision, ipadapter, positive, t_min, t_max, mode=mode,
+                                           ip_scale=ip_scale, weight=weight)
+        return io.NodeOutput(tuple(objective or ()) + (new,))
+
+
+NODES = [ImmunizeLoadIPAdapter, ImmunizeIdentityBridge]
