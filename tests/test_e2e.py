@@ -49,20 +49,42 @@ engine_mod = _load_engine_module()
 
 
 TINY_CHECKPOINT = "immunize_tiny_sd15.safetensors"
+RANDOM_CLIP_VISION = "immunize_random_clip_vit_l.safetensors"
+TINY_IPADAPTER = "immunize_tiny_ip-adapter-plus-face.safetensors"
+# node type → {input: largest value an end-to-end run uses} (tiny models, CPU, CI budget)
+E2E_CAPS = {
+    "ImmunizePGDProtect": {"iterations": E2E_ITERATIONS},
+    "ImmunizeLoRAFineTune": {"steps": 3},
+    "ImmunizeEditImage": {"steps": 2},
+    "ImmunizePurifySDEdit": {"steps": 2},
+    "ImmunizePurifyGrIDPure": {"steps": 2, "iterations": 1},
+    "ImmunizePurifyIMPRESS": {"steps": 2},
+    "ImmunizePurifyAdverseCleaner": {"bilateral_iterations": 2, "guided_iterations": 1},
+    "KSampler": {"steps": 2},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+}
 
 
-def _tiny_checkpoint(dest: Path) -> None:
-    """A random-weight SD1.5-family checkpoint that ComfyUI's loader detects (built in-process
-    with the vendored ComfyUI's classes, then served to the server as a file)."""
-    from immunize.tests.tiny_checkpoint import make_tiny_sd15_checkpoint
+def _random_models(eng) -> None:
+    """Random-weight models the workflows need, in the engine's model folders: a tiny SD1.5
+    checkpoint ComfyUI's loader detects, a CLIP-L vision model and an IP-Adapter that fits
+    them (built in-process with the vendored ComfyUI's classes, then served as files)."""
+    from immunize.tests import tiny_checkpoint as tiny
 
+    types = {n["class_type"] for w in WORKFLOWS for n in engine_mod.load_workflow(w).values()}
+    if not types & {"CheckpointLoaderSimple", "CLIPVisionLoader", "ImmunizeLoadIPAdapter"}:
+        return
     comfy_dir = str(engine_mod.find_comfyui())
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
     from comfy.cli_args import args
 
     args.cpu = True
-    make_tiny_sd15_checkpoint(dest)
+    ckpt = tiny.make_tiny_sd15_checkpoint(eng.models_dir("checkpoints") / TINY_CHECKPOINT)
+    if "CLIPVisionLoader" in types:
+        tiny.make_random_clip_vision_vitl(eng.models_dir("clip_vision") / RANDOM_CLIP_VISION)
+    if "ImmunizeLoadIPAdapter" in types:
+        tiny.make_tiny_ipadapter(eng.models_dir("ipadapter") / TINY_IPADAPTER, ckpt)
 
 
 def _face_photos(fixtures: Path) -> list[Path]:
@@ -84,8 +106,7 @@ def engine(fixtures, tmp_path_factory):
     for f in faceapi.iterdir():
         if f.is_file():
             shutil.copyfile(f, eng.models_dir("face_recognition") / f.name)
-    if any(engine_mod.nodes_of(engine_mod.load_workflow(w), "CheckpointLoaderSimple") for w in WORKFLOWS):
-        _tiny_checkpoint(eng.models_dir("checkpoints") / TINY_CHECKPOINT)
+    _random_models(eng)
     eng.start()
     try:
         yield eng
@@ -162,10 +183,11 @@ def _prepare_workflow(wf: dict, engine, object_info: dict, photos: list[Path]) -
         shutil.copyfile(photo, engine.input_dir / name)
         node["inputs"]["image"] = name
         inputs[node_id] = engine.input_dir / name
-    for _, node in engine_mod.nodes_of(wf, "ImmunizePGDProtect"):
-        it = node["inputs"].get("iterations")
-        if isinstance(it, (int, float)) and not isinstance(it, bool):
-            node["inputs"]["iterations"] = min(int(it), E2E_ITERATIONS)
+    for node in wf.values():
+        for name, cap in E2E_CAPS.get(node["class_type"], {}).items():
+            v = node["inputs"].get(name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                node["inputs"][name] = min(type(cap)(v), cap)
     for node_id, node in wf.items():
         info = object_info.get(node["class_type"])
         if info is None:
@@ -178,8 +200,10 @@ def _prepare_workflow(wf: dict, engine, object_info: dict, photos: list[Path]) -
                 continue
             if not options:
                 pytest.skip(f"node {node_id} ({node['class_type']}).{name}={value!r}: no model files for it here")
-            if node["class_type"] == "CheckpointLoaderSimple" and TINY_CHECKPOINT in options:
-                node["inputs"][name] = TINY_CHECKPOINT
+            for loader, fname in (("CheckpointLoaderSimple", TINY_CHECKPOINT), ("CLIPVisionLoader", RANDOM_CLIP_VISION),
+                                  ("ImmunizeLoadIPAdapter", TINY_IPADAPTER)):
+                if node["class_type"] == loader and fname in options:
+                    node["inputs"][name] = fname
             if node["class_type"] == "ImmunizeLoadFaceRecognizer":
                 faceapi = [o for o in options if "face_recognition_model" in o]
                 if faceapi:

@@ -65,3 +65,50 @@ def make_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
+
+
+def make_random_clip_vision_vitl(path: Path, seed: int = 0) -> Path:
+    """ComfyUI's CLIP-ViT-L/14 vision config with random weights (fp16 safetensors, ~600 MB).
+
+    ComfyUI's CLIP Vision loader picks its architecture from the number of layers, and its
+    smallest known one is ViT-L (24 layers), so an end-to-end test cannot use a smaller file.
+    """
+    import os
+
+    import comfy.clip_vision
+    from safetensors.torch import save_file
+
+    config = os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_vitl.json")
+    with torch.inference_mode(False):
+        model = comfy.clip_vision.ClipVisionModel(config)
+        sd = {k: v.half().contiguous() for k, v in _randomise(model.model, seed).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def make_tiny_ipadapter(path: Path, checkpoint: Path, kind: str = "plus", clip_hidden: int = 1024,
+                        clip_embed: int = 768, seed: int = 0) -> Path:
+    """A random IP-Adapter (``plus``: Resampler over CLIP penultimate states; ``plain``: linear on
+    the image embedding) whose ``ip_adapter.<n>`` layers fit the checkpoint's UNet."""
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    from immunize.kernels.ipadapter import IPAdapter, IPAdapterConfig
+    from immunize.nodes.ipadapter import unet_attn2_layers
+
+    with torch.inference_mode():
+        model, *_ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)
+    layers = unet_attn2_layers(model)
+    common = dict(cross_dim=layers[0]["context"], layer_ids=[2 * i + 1 for i in range(len(layers))],
+                  inner_dims=[layer["inner"] for layer in layers])
+    if kind == "plain":
+        cfg = IPAdapterConfig(kind="plain", clip_dim=clip_embed, num_tokens=4, **common)
+    else:
+        cfg = IPAdapterConfig(kind="plus", clip_dim=clip_hidden, num_tokens=4, dim=64, depth=1, heads=1,
+                              dim_head=64, **common)
+    with torch.inference_mode(False):
+        sd = _randomise(IPAdapter(cfg), seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
