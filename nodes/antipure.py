@@ -117,7 +117,7 @@ class ImmunizeFrequencyGuidance(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ImmunizeFrequencyGuidance",
-            display_name="Immunize Frequency Guidance (AntiPure)",
+            display_name="Frequency Guidance (AntiPure)",
             category=CATEGORY,
             description=(
                 "AntiPure patch-wise frequency guidance: shapes the perturbation so that a "
@@ -160,7 +160,7 @@ class ImmunizeTimestepGuidance(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ImmunizeTimestepGuidance",
-            display_name="Immunize Timestep Guidance (AntiPure)",
+            display_name="Timestep Guidance (AntiPure)",
             category=CATEGORY,
             description=(
                 "AntiPure erroneous timestep guidance: makes the model's noise prediction on "

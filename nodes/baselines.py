@@ -45,7 +45,7 @@ class ImmunizeDenoisingLoss(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ImmunizeDenoisingLoss",
-            display_name="Immunize Denoising Loss (AdvDM)",
+            display_name="Denoising Loss (AdvDM)",
             category=CATEGORY,
             description=(
                 "AdvDM / Anti-DreamBooth: makes the diffusion model's noise prediction on the "
@@ -79,7 +79,7 @@ class ImmunizeEncoderAttack(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ImmunizeEncoderAttack",
-            display_name="Immunize Encoder Attack (PhotoGuard)",
+            display_name="Encoder Attack (PhotoGuard)",
             category=CATEGORY,
             description=(
                 "PhotoGuard / Mist encoder attack: moves the VAE latent of the protected image "

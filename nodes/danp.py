@@ -146,7 +146,7 @@ class ImmunizeAttentionMaskGuidance(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ImmunizeAttentionMaskGuidance",
-            display_name="Immunize Attention Mask Guidance (DANP)",
+            display_name="Attention Mask Guidance (DANP)",
             category=CATEGORY,
             description=(
                 "DANP against malicious text-guided edits: finds where the edit prompt attends on "

@@ -396,7 +396,7 @@ class ImmunizeLoadIPAdapter(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ImmunizeLoadIPAdapter",
-            display_name="Immunize Load IP-Adapter",
+            display_name="Load IP-Adapter",
             category=f"{CATEGORY}/loaders",
             description=(
                 "Loads an IP-Adapter (plain, plus, plus-face or full-face; SD1.5 or SDXL, detected from the "
