@@ -26,9 +26,10 @@ MODEL_FOLDERS = {
 }
 
 
-def register_model_folders() -> None:
-    """Make ``models/face_recognition`` and ``models/facenet`` known to ComfyUI (idempotent)."""
-    for name, exts in MODEL_FOLDERS.items():
+def register_model_folders(folders: Optional[dict[str, set[str]]] = None) -> None:
+    """Make model folders (default: ``models/face_recognition`` and ``models/facenet``) known to
+    ComfyUI, adding our extensions to a folder another pack registered already (idempotent)."""
+    for name, exts in (MODEL_FOLDERS if folders is None else folders).items():
         path = os.path.join(folder_paths.models_dir, name)
         if name in folder_paths.folder_names_and_paths:
             paths, old = folder_paths.folder_names_and_paths[name]

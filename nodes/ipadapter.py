@@ -19,7 +19,6 @@ objects to them:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -33,7 +32,7 @@ from ..kernels.clip import ImageEncoder
 from ..kernels.ipadapter import IPAdapter, IPLayer, attention, family_of, load_ipadapter
 from ..kernels.modules import grad_ready
 from .attention import AttnFn, AttnKey, add_attn2_patches, comfy_attention
-from .common import CATEGORY, ObjectiveType
+from .common import CATEGORY, ObjectiveType, register_model_folders
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder, model_family
 from .loaders import OpenClipVision, as_image_encoder
 
@@ -45,14 +44,7 @@ IPADAPTER_EXTENSIONS = {".safetensors", ".bin"}
 
 def register_ipadapter_folder() -> None:
     """Make ``models/ipadapter`` known to ComfyUI (idempotent; shares it with other IP-Adapter packs)."""
-    path = os.path.join(folder_paths.models_dir, IPADAPTER_FOLDER)
-    if IPADAPTER_FOLDER in folder_paths.folder_names_and_paths:
-        paths, exts = folder_paths.folder_names_and_paths[IPADAPTER_FOLDER]
-        if path not in paths:
-            paths.append(path)
-        folder_paths.folder_names_and_paths[IPADAPTER_FOLDER] = (paths, set(exts) | IPADAPTER_EXTENSIONS)
-    else:
-        folder_paths.folder_names_and_paths[IPADAPTER_FOLDER] = ([path], set(IPADAPTER_EXTENSIONS))
+    register_model_folders({IPADAPTER_FOLDER: IPADAPTER_EXTENSIONS})
 
 
 register_ipadapter_folder()
