@@ -9,6 +9,7 @@ workflow's ε budget in 8-bit values, and the report files exist.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -234,7 +235,7 @@ def test_workflow_runs(workflow_path, engine, object_info, fixtures):
     for pgd_id, pgd in pgd_nodes:
         _check_budget(wf, pgd_id, pgd, engine, result, inputs)
 
-    if engine_mod.nodes_of(wf, "ImmunizeProtectionReport"):
+    if engine_mod.nodes_of(wf, "ImmunizeProtectionReport") or engine_mod.nodes_of(wf, "ImmunizeScoreReport"):
         reports_json = [p for p in result.new_files if p.suffix == ".json"]
         reports_csv = [p for p in result.new_files if p.suffix == ".csv"]
         assert reports_json, f"no report .json written; new files: {result.new_files}"
@@ -243,6 +244,12 @@ def test_workflow_runs(workflow_path, engine, object_info, fixtures):
             json.loads(p.read_text())
         for p in reports_csv:
             assert p.read_text().strip(), f"{p} is empty"
+    for p in (p for p in result.new_files if p.suffix == ".csv"):
+        # every cell filled: a number, or an explicit marker such as "unavailable"
+        rows = list(csv.reader(p.open()))
+        assert len(rows) >= 2, f"{p.name} has no data rows"
+        empty = [(i, j) for i, r in enumerate(rows) for j, c in enumerate(r) if not c.strip()]
+        assert not empty, f"{p.name}: empty cells at {empty[:5]}\n{p.read_text()[:1500]}"
 
 
 def _check_budget(wf, pgd_id, pgd, engine, result, inputs):
