@@ -4,11 +4,12 @@ from comfy_api.latest import ComfyExtension, io
 
 
 def _all_nodes() -> list[type[io.ComfyNode]]:
-    from . import antipure, baselines, customize, danp, identity, ipadapter, loaders, protect, purify, report, scores
+    from . import (antipure, baselines, customize, danp, identity, ipadapter, loaders, protect, purify, report, sau,
+                   scores)
 
     nodes: list[type[io.ComfyNode]] = []
     for module in (loaders, identity, baselines, antipure, danp, ipadapter, protect, purify, customize, scores,
-                   report):
+                   report, sau):
         nodes.extend(module.NODES)
     return nodes
 
