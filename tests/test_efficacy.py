@@ -96,3 +96,30 @@ def test_early_stop_uses_fewer_changes_than_the_full_budget(dlib, photos):
     full = protect(x, [IdentityObjective([dlib], stop_margin=1.5)], PGDConfig(iterations=60, early_stop=False))
     assert early.stopped_early and early.steps_run < full.steps_run
     assert metrics.psnr(early.protected, x) > metrics.psnr(full.protected, x) + 1.0
+
+
+def test_every_face_of_a_group_photo_is_protected(dlib, photos):
+    """Two people side by side in one odd-sized image: both faces are found and both lose their
+    identity; the background away from the faces is not touched."""
+    names = sorted(photos)
+    a, b = _load(photos[names[1]][0]), _load(photos[names[4]][0])
+    group = torch.cat([a, b], dim=2)[:, 3:250, :][None]  # [1,3,247,512]
+    result = protect(group, [IdentityObjective([dlib], stop_margin=1.5)], PGDConfig(iterations=80))
+    faces = detect_faces(group)[0]
+    assert len(faces) == 2
+    # the attacker's view: each face detected afresh on the protected image, matched by position
+    d_clean = {}
+    for img, key in ((group, "clean"), (result.protected, "prot")):
+        fs = detect_faces(img)[0]
+        assert len(fs) == 2
+        order = fs.boxes[:, 0].argsort()
+        fs = type(fs)(fs.landmarks[order], fs.boxes[order], fs.probs[order])
+        chips, _ = align_faces(img, [fs], dlib.template, dlib.chip_size)
+        with torch.no_grad():
+            d_clean[key] = dlib(chips)
+    moved = dlib.distance(d_clean["prot"], d_clean["clean"])
+    assert (moved > dlib.threshold).all(), moved.tolist()
+    assert metrics.psnr(result.protected, group).item() >= 32
+    changed = (result.protected != group).any(dim=1)[0]
+    assert changed.float().mean() < 0.6
+    assert not changed[:, :8].any() and not changed[:, -8:].any()  # left and right borders
