@@ -5,11 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 
 def _all_nodes() -> list[type[io.ComfyNode]]:
     from . import (antipure, baselines, customize, danp, identity, ipadapter, loaders, protect, purify, report, sau,
-                   scores)
+                   scores, tsdf)
 
     nodes: list[type[io.ComfyNode]] = []
     for module in (loaders, identity, baselines, antipure, danp, ipadapter, protect, purify, customize, scores,
-                   report, sau):
+                   report, sau, tsdf):
         nodes.extend(module.NODES)
     return nodes
 

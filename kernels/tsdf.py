@@ -1,0 +1,529 @@
+"""TSDF: one perturbation, two jobs — interrupt the forgery and poison the attacker's data.
+
+Zheng et al. 2025, "Boosting Active Defense Persistence: A Two-Stage Defense Framework
+Combining Interruption and Poisoning Against Deepfake" (arXiv 2508.07795). An interruption-only
+perturbation distorts what a forgery model makes of the protected photo, but an attacker who
+collects protected photos and retrains adapts to it. TSDF's perturbation also *poisons the
+data preparation* of that retraining (here: the face detector that finds and crops the faces,
+``kernels/detector.py``), and separates the two roles by intensity.
+
+Interruption (stage 1). A forgery pipeline G maps an image to its forged version. In ComfyUI
+G is a diffusion edit (img2img with the user's MODEL and an edit prompt); the perturbation
+maximises the masked distortion of G's output over an ensemble of pipelines G_p:
+
+    L_int(δ) = − (1/P) Σ_p E_s[ D_M( G_p(x + δ; s), G_p(x; s) ) ]
+
+    D_M(a, b) = Σ_{c,i} M_i · (â_ci − b̂_ci)² / (C · Σ_i M_i),   â = 2a − 1  (images in [−1, 1])
+
+M is the face region (a binary mask, the whole image when none is given), s the pipeline's
+noise seed (the expectation is over a fixed pool of ``seeds`` seeds, one per PGD step in turn,
+so the clean outputs G_p(x; s) are computed once). D_M is the "L2_mask" of the deepfake-
+disruption literature (Ruiz et al. 2020; TSDF's tables): a forgery counts as *disrupted* when
+D_M ≥ 0.05 (:func:`distortion_success_rate`).
+
+The diffusion edit G (:class:`DiffusionEdit`) is img2img with η = 0 DDIM (Song et al. 2021):
+
+    z₀ = E(x),  t₀ = round(strength · T) − 1,  z_{t₀} = √ᾱ_{t₀} z₀ + √(1−ᾱ_{t₀}) ε_s
+    for t_k in (t₀, t₀·(n−1)/n, …, t₀/n):
+        ε̂ = ε_θ(z_{t_k}, t_k, c),  ẑ₀ = (z_{t_k} − √(1−ᾱ_{t_k}) ε̂)/√ᾱ_{t_k}
+        z_{t_{k+1}} = √ᾱ_{t_{k+1}} ẑ₀ + √(1−ᾱ_{t_{k+1}}) ε̂          (ᾱ after the last step = 1)
+    G(x; s) = D(z_final)
+
+with n = ``steps`` (1–2 keep the attack affordable; the gradient flows end to end through the
+encoder, every UNet call and the decoder). On ComfyUI's own SD1.5 classes with tiny random
+weights, 25 steps at 8/255 give a D_M 60–90x that of ±8/255 random noise, on unseen seeds.
+
+Poisoning (stage 2): :class:`kernels.detector.DetectorPoisonObjective` — the detector misses or
+misplaces (IoU < 0.7) the face.
+
+Intensity separation (the paper describes the mechanism only in words; this is our precise
+version of it, :func:`two_stage_protect`). With the user's L∞ budget ε:
+
+    stage 1:  δ₁ = PGD_{‖δ‖∞ ≤ ε₁}( L_int ; x ),                    ε₁ = s₁ · ε
+    stage 2:  δ₂ = PGD_{‖δ‖∞ ≤ ε₂}( L_poison( x + Π_ε(δ₁ + s₂·δ₂) ) ; x + δ₁ )   (inner budget ε₂)
+    combine:  δ  = Π_ε( δ₁ + s₂ · δ₂ )                               (clip to ε and to [0, 1])
+    refine:   δ* = PGD_{‖δ‖∞ ≤ ε}( w_int·L_int ⊕ w_poi·L_poison ; x ), started at δ
+
+s₁ (``interruption_strength``) sets how much of the budget the interruption owns, ε₂ how hard
+the poisoning searches (ε₂ > ε − ε₁ lets δ₂ override δ₁ where it must) and s₂
+(``poison_strength``) how strongly its result is laid over δ₁. Stage 2 is optimised *through*
+the projection: its objective sees x + Π_ε(δ₁ + s₂·δ₂), the image that will be kept, so the
+clip cannot undo the poisoning (a poisoning that holds only at the edge — MTCNN's scores hover
+at its thresholds — would not survive a clip applied afterwards). The clip does take back part
+of δ₁ where δ₂ overrides it, so a short refinement on both objectives (PGD's normalised-
+gradient sum, starting at the combined δ, never leaving ε of the clean image) restores the
+interruption. Each image finally keeps the refined result if the poisoning still holds there,
+else the combined one if *it* holds (the poisoning's real check decides), else the refined one.
+The result is 8-bit quantised within ε.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .denoising import Denoiser, add_noise
+from .encoder import pad_to_multiple
+from .pgd import (
+    BoundObjective, Objective, ObjectiveOutput, PGDConfig, PGDResult, StepCallback, StepRecord,
+    _unique_names, combine_gradients, project, protect, quantize_within_budget,
+)
+
+SUCCESS_THRESHOLD = 0.05  # D_M above which a forgery counts as disrupted (Ruiz et al. 2020, TSDF)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def masked_l2(a: Tensor, b: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """D_M: mean squared difference inside the mask, images rescaled to [−1, 1] → ``[B]``.
+
+    a, b: ``[B,C,H,W]`` in [0, 1]; mask: ``[B or 1,1,H,W]`` (weights in [0, 1]) or None for the
+    whole image. Differentiable. Identical images give 0; a white and a black image give 4.
+    """
+    d = (2.0 * (a.float() - b.float())).pow(2)  # (â − b̂)² with â = 2a − 1
+    if mask is None:
+        return d.flatten(1).mean(1)
+    m = mask.to(d).expand(d.shape[0], 1, *d.shape[2:])
+    return (d * m).flatten(1).sum(1) / (m.flatten(1).sum(1) * d.shape[1]).clamp_min(1e-9)
+
+
+def distortion_success_rate(distortion: Tensor, threshold: float = SUCCESS_THRESHOLD) -> float:
+    """Share of forgeries whose D_M is ≥ ``threshold`` (0.05 as in TSDF)."""
+    return float((distortion.float() >= threshold).float().mean())
+
+
+# --------------------------------------------------------------------------- forgery pipelines
+
+
+class ForgeryPipeline(Protocol):
+    """A differentiable forgery: ``(images [B,3,H,W] in [0,1], seed) → forged [B,3,H,W] in [0,1]``.
+
+    Deterministic for a given seed, so the clean and protected images can be compared on the
+    same noise.
+    """
+
+    def __call__(self, images: Tensor, seed: int) -> Tensor:
+        ...
+
+
+def ddim_timesteps(strength: float, steps: int, total: int = 1000) -> list[int]:
+    """The img2img DDIM schedule: t₀ = round(strength·T) − 1, then t₀·(n−k)/n for k < n."""
+    if not (0.0 < strength <= 1.0):
+        raise ValueError(f"edit strength must be in (0, 1], got {strength}")
+    if steps < 1:
+        raise ValueError(f"edit steps must be >= 1, got {steps}")
+    t0 = min(total - 1, max(0, int(round(strength * total)) - 1))
+    ts = [int(round(t0 * (steps - k) / steps)) for k in range(steps)]
+    out: list[int] = []
+    for t in ts:  # very low strengths can collapse neighbours: keep them distinct
+        if not out or t < out[-1]:
+            out.append(t)
+    return out
+
+
+@dataclass
+class DiffusionEdit:
+    """img2img with a few deterministic DDIM steps (see the module docstring), differentiable.
+
+    encode: images ``[B,3,H',W']`` in [0,1] (H', W' multiples of ``multiple``) → z₀ in the
+    denoiser's latent space; decode: z₀ → images in [0,1]; denoiser: a
+    :class:`~kernels.denoising.Denoiser`; cond: passed to it (the edit prompt);
+    strength: share of the noise schedule to re-noise (0.3–0.6 is a typical edit);
+    steps: DDIM steps back to t = 0. Images are reflect-padded to ``multiple`` and cropped back.
+
+    Example:
+        >>> edit = DiffusionEdit(vae_enc, vae_dec, unet, text, strength=0.5, steps=2)
+        >>> forged = edit(images, seed=0)
+    """
+
+    encode: Callable[[Tensor], Tensor]
+    decode: Callable[[Tensor], Tensor]
+    denoiser: Denoiser
+    cond: Any = None
+    strength: float = 0.5
+    steps: int = 2
+    multiple: int = 8
+
+    def __post_init__(self) -> None:
+        self.schedule = ddim_timesteps(self.strength, self.steps, len(self.denoiser.alphas_cumprod))
+
+    def __call__(self, images: Tensor, seed: int) -> Tensor:
+        h, w = images.shape[-2:]
+        z0 = self.encode(pad_to_multiple(images, self.multiple)).float()
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        noise = torch.randn(z0.shape, generator=gen).to(z0)
+        acp = self.denoiser.alphas_cumprod.to(z0.device, torch.float32)
+        batch = z0.shape[0]
+        t0 = torch.full((batch,), self.schedule[0], dtype=torch.long, device=z0.device)
+        z = add_noise(z0, noise, t0, acp)
+        for k, t in enumerate(self.schedule):
+            a_t = acp[t]
+            eps = self.denoiser.eps(z, torch.full((batch,), t, dtype=torch.long, device=z.device),
+                                    self.cond).to(z)
+            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            a_prev = acp[self.schedule[k + 1]] if k + 1 < len(self.schedule) else acp.new_tensor(1.0)
+            z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return self.decode(z).float()[..., :h, :w]
+
+
+# --------------------------------------------------------------------------- interruption
+
+
+@dataclass
+class InterruptionObjective:
+    """PGD objective: maximise the masked distortion D_M of every forgery pipeline's output.
+
+    pipelines: :class:`ForgeryPipeline` callables (an ensemble; the loss is their mean);
+    mask: ``[B or 1,1,H,W]`` region where the distortion counts (the face), or None (whole
+    image), or a callable ``clean → mask`` evaluated in ``bind``;
+    seeds: size of the noise-seed pool (each PGD step uses the next seed; the clean outputs for
+    every seed are computed once in ``bind``); seed: first seed of the pool;
+    target: early-stop when every image's D_M ≥ target (None: no target).
+    Logs ``distortion`` (D_M on this step's seed, mean over pipelines).
+
+    Example:
+        >>> obj = InterruptionObjective([DiffusionEdit(...)], mask=face_mask)
+        >>> protect(img, [obj], PGDConfig(eps=8/255, iterations=50))
+    """
+
+    pipelines: Sequence[ForgeryPipeline]
+    mask: Any = None
+    seeds: int = 2
+    seed: int = 0
+    target: Optional[float] = None
+    weight: float = 1.0
+    name: str = "interruption"
+
+    def __post_init__(self) -> None:
+        if not self.pipelines:
+            raise ValueError("the interruption objective needs at least one forgery pipeline")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+
+    def region(self, clean: Tensor) -> Optional[Tensor]:
+        mask = self.mask(clean) if callable(self.mask) else self.mask
+        if mask is None:
+            return None
+        mask = mask.to(clean.device, torch.float32)
+        if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != tuple(clean.shape[-2:]):
+            raise ValueError(f"the distortion mask must be [B or 1,1,H,W] matching the image "
+                             f"{tuple(clean.shape[-2:])}; got {tuple(mask.shape)}")
+        return mask
+
+    def bind(self, clean: Tensor) -> BoundObjective:
+        mask = self.region(clean)
+        pool = [int(self.seed) + k for k in range(self.seeds)]
+        with torch.no_grad():
+            refs = [[p(clean, s).detach() for s in pool] for p in self.pipelines]
+        counter = {"step": 0}
+
+        def evaluate(x_adv: Tensor) -> ObjectiveOutput:
+            k = counter["step"] % len(pool)
+            if torch.is_grad_enabled():
+                counter["step"] += 1
+            d = torch.stack([masked_l2(p(x_adv, pool[k]), refs[i][k], mask)
+                             for i, p in enumerate(self.pipelines)]).mean(0)
+            reached = None if self.target is None else d.detach() >= self.target
+            return ObjectiveOutput(loss=-d, logs={"distortion": d.detach()}, reached=reached)
+
+        return evaluate
+
+
+def forgery_distortion(pipelines: Sequence[ForgeryPipeline], clean: Tensor, protected: Tensor,
+                       mask: Optional[Tensor] = None, seeds: Sequence[int] = (1000, 1001)) -> Tensor:
+    """D_M ``[B]`` between the forgeries of ``protected`` and of ``clean``, averaged over the
+    pipelines and over evaluation ``seeds`` (fresh ones, not those PGD used). No gradient."""
+    with torch.no_grad():
+        vals = [masked_l2(p(protected, s), p(clean, s), mask) for p in pipelines for s in seeds]
+    return torch.stack(vals).mean(0)
+
+
+def center_crop_to(mask: Tensor, height: int, width: int) -> Tensor:
+    """Crop ``[B,1,H,W]`` to ``height``x``width`` about its centre (as ComfyUI's VAE Encode crops
+    an image to a multiple of 8), so a mask made on the clean photo fits its forged output."""
+    h, w = mask.shape[-2:]
+    if height > h or width > w:
+        raise ValueError(f"the forged image ({width}x{height}) is larger than the photo ({w}x{h}); "
+                         "forge at the photo's own size")
+    top, left = (h - height) // 2, (w - width) // 2
+    return mask[..., top:top + height, left:left + width]
+
+
+def tsdf_scores(clean: Tensor, protected: Tensor, forged_clean: Tensor, forged_protected: Tensor,
+                detect: Callable[[Tensor], list[Tensor]], iou: float = 0.7,
+                threshold: float = SUCCESS_THRESHOLD) -> dict:
+    """TSDF's numbers for a batch, as a JSON-ready dict.
+
+    clean, protected: ``[B,3,H,W]`` in [0,1]; forged_clean, forged_protected: the same forgery
+    (same seed) applied to each, ``[B,3,H',W']`` with H' ≤ H, W' ≤ W (centre crop, as VAE Encode
+    does); detect: the real detector (images → B boxes ``[F,4]``).
+    - interruption: D_M per image inside the clean photo's face boxes (whole image where no face
+      is found), its mean, and the success rate (share ≥ ``threshold``);
+    - poisoning: the detector on the clean photos is the ground truth; on the protected photos,
+      precision/recall at IoU ≥ ``iou``, FDFR (no face at all) and the miss-or-misplace rate;
+      FDFR on the clean photos for reference.
+    """
+    from .detector import detector_precision_recall, face_mask, fdfr, miss_or_misplace_rate
+
+    if clean.shape != protected.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and protected {tuple(protected.shape)} images differ in shape")
+    if forged_clean.shape != forged_protected.shape:
+        raise ValueError(f"the two forged batches differ in shape: {tuple(forged_clean.shape)} vs "
+                         f"{tuple(forged_protected.shape)}; forge both at the same size")
+    if forged_clean.shape[0] != clean.shape[0]:
+        raise ValueError(f"{forged_clean.shape[0]} forged images for {clean.shape[0]} photos")
+    truth = detect(clean)
+    pred = detect(protected)
+    mask = center_crop_to(face_mask(truth, *clean.shape[-2:]), *forged_clean.shape[-2:])
+    dist = masked_l2(forged_protected, forged_clean, mask)
+    pr = detector_precision_recall(pred, truth, iou)
+    return {
+        "images": int(clean.shape[0]),
+        "interruption": {
+            "distortion_l2_mask": [round(float(v), 6) for v in dist],
+            "mean_distortion_l2_mask": float(dist.mean()),
+            "success_rate": distortion_success_rate(dist, threshold),
+            "success_threshold": threshold,
+        },
+        "poisoning": {
+            "iou": iou,
+            "precision": pr.precision,
+            "recall": pr.recall,
+            "true_faces": pr.true,
+            "detections": pr.predicted,
+            "fdfr_protected": fdfr(pred),
+            "fdfr_clean": fdfr(truth),
+            "miss_or_misplace_rate": miss_or_misplace_rate(pred, truth, iou),
+        },
+    }
+
+
+def format_scores(scores: dict) -> str:
+    """A short human-readable summary of :func:`tsdf_scores`."""
+    i, p = scores["interruption"], scores["poisoning"]
+    return "\n".join([
+        f"TSDF scores over {scores['images']} image(s)",
+        f"interruption: mean L2_mask {i['mean_distortion_l2_mask']:.4f}, success "
+        f"{i['success_rate'] * 100:.0f}% (L2_mask ≥ {i['success_threshold']})",
+        f"poisoning: detector precision {p['precision']:.2f} / recall {p['recall']:.2f} at IoU {p['iou']}, "
+        f"FDFR {p['fdfr_protected'] * 100:.0f}% (clean {p['fdfr_clean'] * 100:.0f}%), "
+        f"missed or misplaced {p['miss_or_misplace_rate'] * 100:.0f}%",
+    ])
+
+
+# --------------------------------------------------------------------------- two stages
+
+
+@dataclass
+class TwoStageConfig:
+    """Budgets and schedule of :func:`two_stage_protect` (fractions of the [0, 1] range).
+
+    eps: the user's final L∞ budget ε; interruption_strength: s₁, stage 1 gets ε₁ = s₁·ε;
+    inner_eps: ε₂, stage 2's search budget around x + δ₁; poison_strength: s₂, weight of δ₂ in
+    the combination; *_iterations: PGD steps per stage (refine: the final joint stage);
+    step: PGD step; weights: (w_int, w_poi) in the refinement.
+    """
+
+    eps: float = 8 / 255
+    interruption_strength: float = 0.5
+    inner_eps: float = 8 / 255
+    poison_strength: float = 1.0
+    stage1_iterations: int = 40
+    stage2_iterations: int = 100
+    refine_iterations: int = 20
+    step: float = 1 / 255
+    weights: tuple = (1.0, 1.0)
+    seed: int = 0
+
+    def validate(self) -> None:
+        PGDConfig(eps=self.eps, step=self.step).validate()
+        if not (0.0 < self.interruption_strength <= 1.0):
+            raise ValueError(f"interruption_strength must be in (0, 1], got {self.interruption_strength}")
+        if not (0.0 < self.inner_eps <= 64 / 255 + 1e-9):
+            raise ValueError(f"inner_eps must be in (0, 64/255], got {self.inner_eps * 255:.3g}/255")
+        if not (0.0 <= self.poison_strength <= 2.0):
+            raise ValueError(f"poison_strength must be in [0, 2], got {self.poison_strength}")
+        for name in ("stage1_iterations", "stage2_iterations", "refine_iterations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class TwoStageResult:
+    protected: Tensor  # [B,C,H,W] on the 8-bit grid, within eps of the clean image
+    result: PGDResult  # all stages together (for ProtectionReport); config.eps = the user's ε
+    stages: dict[str, PGDResult] = field(default_factory=dict)  # "interruption" (stage 1), "poison" (stage 2)
+    combined: Optional[Tensor] = None  # Π_ε(δ₁ + s₂δ₂) + x, before the refinement
+    chose_combined: Optional[Tensor] = None  # [B] bool: the refinement broke the poisoning there
+
+
+def _refine(clean: Tensor, start: Tensor, objectives: Sequence[Objective], eps: float, step: float,
+            iterations: int, mask: Optional[Tensor], callback: Optional[StepCallback],
+            offset: int, total: int) -> tuple[Tensor, list[StepRecord], list]:
+    """L∞ PGD on ``objectives`` from ``start`` (not from the clean image), within ``eps`` of
+    ``clean``: :func:`kernels.pgd.protect`'s update, projection and gradient rule, without its
+    start and early stop. Returns the final image, the history and the bound objectives."""
+    with torch.no_grad():
+        bound = [o.bind(clean) for o in objectives]
+    names = _unique_names([o.name for o in objectives])
+    weights = [float(o.weight) for o in objectives]
+    delta = project(start - clean, clean, eps, "linf", mask)
+    history = []
+    for k in range(iterations):
+        delta.requires_grad_(True)
+        grads, losses, logs = [], {}, {}
+        for name, fn in zip(names, bound):
+            out = fn(clean + delta)
+            (g,) = torch.autograd.grad(out.loss.sum(), delta)
+            grads.append(g)
+            losses[name] = out.loss.detach().cpu()
+            logs.update({f"{name}/{kk}": v.detach().float().cpu() for kk, v in out.logs.items()})
+        record = StepRecord(step=offset + k, total=sum(w * losses[n] for n, w in zip(names, weights)),
+                            losses=losses, logs=logs)
+        history.append(record)
+        with torch.no_grad():
+            g = combine_gradients(grads, weights)
+            if mask is not None:
+                g = g * mask
+            delta = project(delta.detach() - step * g.sign(), clean, eps, "linf", mask)
+        if callback is not None:
+            callback(offset + k + 1, total, (clean + delta).detach(), record)
+    return (clean + delta).detach(), history, bound
+
+
+def _final_logs(bound, names, image):
+    logs, losses, reached = {}, {}, []
+    with torch.no_grad():
+        for name, fn in zip(names, bound):
+            out = fn(image)
+            losses[name] = out.loss.detach().float().cpu()
+            logs.update({f"{name}/{k}": v.detach().float().cpu() for k, v in out.logs.items()})
+            if out.reached is not None:
+                reached.append(out.reached.detach().cpu())
+    ok = torch.stack(reached).all(0) if reached else None
+    return logs, losses, ok
+
+
+def two_stage_protect(
+    clean: Tensor,
+    interruption: Sequence[Objective],
+    poison: Sequence[Objective],
+    config: TwoStageConfig = TwoStageConfig(),
+    mask: Optional[Tensor] = None,
+    callback: Optional[StepCallback] = None,
+) -> TwoStageResult:
+    """TSDF's two-stage, intensity-separated protection (see the module docstring).
+
+    clean: ``[B,3,H,W]`` in [0,1]; interruption, poison: objectives of each role (at least one
+    each); mask: ``[B or 1,1,H,W]`` where pixels may change, or None; callback(step, total, x,
+    record) as in :func:`kernels.pgd.protect`, with steps counted over all stages.
+    Returns a :class:`TwoStageResult`; ``protected`` is on the 8-bit grid within ``config.eps``.
+
+    Example:
+        >>> res = two_stage_protect(img, [InterruptionObjective([edit])],
+        ...                         [DetectorPoisonObjective()], TwoStageConfig(eps=8/255))
+    """
+    config.validate()
+    if not interruption or not poison:
+        raise ValueError("two-stage protection needs an interruption objective and a poisoning objective")
+    if clean.dim() != 4:
+        raise ValueError(f"expected an image batch [B,C,H,W], got shape {tuple(clean.shape)}")
+    clean = clean.detach().clone().float()
+    if mask is not None:
+        mask = mask.detach().to(clean).expand(clean.shape[0], 1, *clean.shape[2:]).clone()
+    c = config
+    total = c.stage1_iterations + c.stage2_iterations + c.refine_iterations
+
+    def shifted(offset: int):
+        if callback is None:
+            return None
+        return lambda s, _t, x, rec: callback(offset + s, total, x, rec)
+
+    eps1 = c.interruption_strength * c.eps
+    r1 = protect(clean, interruption, PGDConfig(eps=eps1, step=c.step, iterations=c.stage1_iterations,
+                                                seed=c.seed, early_stop=False, quantize=False),
+                 mask, shifted(0))
+    x1 = r1.protected
+    delta1 = x1 - clean
+    seen = [_ThroughCombination(o, clean, delta1, c.eps, c.poison_strength, mask) for o in poison]
+    r2 = protect(x1, seen, PGDConfig(eps=c.inner_eps, step=c.step, iterations=c.stage2_iterations,
+                                     seed=c.seed + 1, early_stop=True, quantize=False),
+                 mask, shifted(c.stage1_iterations))
+    delta = project(delta1 + c.poison_strength * (r2.protected - x1), clean, c.eps, "linf", mask)
+    combined = quantize_within_budget(clean, clean + delta, c.eps, "linf", mask)
+
+    offset = c.stage1_iterations + c.stage2_iterations
+    objectives = [_weighted(o, c.weights[0]) for o in interruption] + [_weighted(o, c.weights[1]) for o in poison]
+    refined, hist3, bound = _refine(clean, combined, objectives, c.eps, c.step, c.refine_iterations,
+                                    mask, callback, offset, total)
+    refined = quantize_within_budget(clean, refined, c.eps, "linf", mask)
+
+    names = _unique_names([o.name for o in objectives])
+    _, _, poison_ok = _final_logs(bound[len(interruption):], names[len(interruption):], refined)
+    chose = torch.zeros(clean.shape[0], dtype=torch.bool)
+    final = refined
+    if poison_ok is not None and not bool(poison_ok.all()):
+        _, _, comb_ok = _final_logs(bound[len(interruption):], names[len(interruption):], combined)
+        chose = (~poison_ok) & comb_ok
+        if bool(chose.any()):
+            sel = chose.to(clean.device).view(-1, 1, 1, 1)
+            final = torch.where(sel, combined, refined)
+    final_logs, final_losses, _ = _final_logs(bound, names, final)
+
+    history = []
+    for k, rec in enumerate(r1.history + r2.history + hist3):
+        prefix = "stage1" if k < len(r1.history) else "stage2" if k < len(r1.history) + len(r2.history) else None
+        losses_k = rec.losses if prefix is None else {f"{prefix}:{n}": v for n, v in rec.losses.items()}
+        history.append(StepRecord(step=k, total=rec.total, losses=losses_k, logs=rec.logs))
+    merged = PGDResult(
+        protected=final.detach(), history=history, steps_run=len(history), stopped_early=r2.stopped_early,
+        config=PGDConfig(eps=c.eps, step=c.step, iterations=total, norm="linf", seed=c.seed,
+                         early_stop=False, quantize=True),
+        final_logs=final_logs, final_losses=final_losses,
+    )
+    return TwoStageResult(protected=final.detach(), result=merged,
+                          stages={"interruption": r1, "poison": r2}, combined=combined, chose_combined=chose)
+
+
+class _ThroughCombination:
+    """Stage 2's view of a poisoning objective: PGD moves x₁ + δ₂ within ε₂ of x₁, but the
+    objective — bound to the *clean* image — is evaluated on the image that will actually be
+    kept, x + Π_ε(δ₁ + s₂·δ₂). So the poisoning is optimised *through* the projection (the clip
+    passes the gradient where it is not active) and its real check and early stop judge the
+    combined, 8-bit image rather than an intermediate one."""
+
+    def __init__(self, objective: Objective, clean: Tensor, delta1: Tensor, eps: float, strength: float,
+                 mask: Optional[Tensor]):
+        self.objective, self.name, self.weight = objective, objective.name, objective.weight
+        self.clean, self.delta1, self.eps, self.strength, self.mask = clean, delta1, eps, strength, mask
+
+    def bind(self, x1: Tensor) -> BoundObjective:
+        inner = self.objective.bind(self.clean)
+
+        def evaluate(x_adv: Tensor) -> ObjectiveOutput:
+            d = project(self.delta1 + self.strength * (x_adv - x1), self.clean, self.eps, "linf", self.mask)
+            return inner(self.clean + d)
+
+        return evaluate
+
+
+class _weighted:
+    """An objective with another weight (the refinement's w_int, w_poi), same name and binding."""
+
+    def __init__(self, objective: Objective, factor: float):
+        self.objective, self.name = objective, objective.name
+        self.weight = float(objective.weight) * float(factor)
+
+    def bind(self, clean: Tensor) -> BoundObjective:
+        return self.objective.bind(clean)
+
+
+__all__ = [
+    "SUCCESS_THRESHOLD", "DiffusionEdit", "ForgeryPipeline", "InterruptionObjective", "TwoStageConfig",
+    "TwoStageResult", "center_crop_to", "ddim_timesteps", "format_scores", "tsdf_scores", "distortion_success_rate", "forgery_distortion", "masked_l2",
+    "two_stage_protect",
+]
