@@ -82,6 +82,22 @@ def mask_to_b1hw(mask: Optional[Tensor], like: Tensor, input_name: str = "mask")
     return m.float().clone().unsqueeze(1).expand(b, 1, h, w).clone()
 
 
+def mask_input() -> io.Mask.Input:
+    """The optional MASK every protect node takes."""
+    return io.Mask.Input("mask", optional=True,
+                         tooltip="Only pixels where the mask is > 0 may change. Same size as the image.")
+
+
+def protect_outputs() -> list:
+    """What every protect node returns: the protected image, the amplified perturbation, a report."""
+    return [
+        io.Image.Output("protected", display_name="protected", tooltip="The protected image(s)."),
+        io.Image.Output("perturbation", display_name="perturbation",
+                        tooltip="The perturbation, amplified for viewing: 0.5 + δ/(2ε)."),
+        ReportType.Output("report", display_name="report", tooltip="Numbers for Protection Report."),
+    ]
+
+
 class Progress:
     """ComfyUI progress bar + preview + cancellation, as a PGD step callback."""
 

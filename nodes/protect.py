@@ -7,7 +7,8 @@ from comfy_api.latest import io
 
 from ..kernels.pgd import PGDConfig, protect
 from ..kernels.report import ProtectionReport
-from .common import CATEGORY, ObjectiveType, Progress, ReportType, bchw_to_image, device, image_to_bchw, mask_to_b1hw
+from .common import (CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
+                     mask_to_b1hw, protect_outputs)
 
 
 class PGDProtect(io.ComfyNode):
@@ -40,15 +41,9 @@ class PGDProtect(io.ComfyNode):
                                  tooltip="Start from uniform noise inside the budget (stronger, more visible)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the random start and of any sampling inside objectives."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Only pixels where the mask is > 0 may change. Same size as the image."),
+                mask_input(),
             ],
-            outputs=[
-                io.Image.Output("protected", display_name="protected", tooltip="The protected image(s)."),
-                io.Image.Output("perturbation", display_name="perturbation",
-                                tooltip="The perturbation, amplified for viewing: 0.5 + δ/(2ε)."),
-                ReportType.Output("report", display_name="report", tooltip="Numbers for Protection Report."),
-            ],
+            outputs=protect_outputs(),
         )
 
     @classmethod

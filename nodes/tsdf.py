@@ -19,7 +19,8 @@ from ..kernels.tsdf import (
     DiffusionEdit, InterruptionObjective, TwoStageConfig, ddim_timesteps, format_scores, tsdf_scores,
     two_stage_protect,
 )
-from .common import CATEGORY, ObjectiveType, Progress, ReportType, bchw_to_image, device, image_to_bchw, mask_to_b1hw
+from .common import (CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
+                     mask_to_b1hw, protect_outputs)
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
 
 TSDF_CATEGORY = f"{CATEGORY}/tsdf"
@@ -203,15 +204,9 @@ class ImmunizeTwoStageProtect(io.ComfyNode):
                                tooltip="PGD step in /255 per iteration."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the PGD starts."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Only pixels where the mask is > 0 may change. Same size as the image."),
+                mask_input(),
             ],
-            outputs=[
-                io.Image.Output("protected", display_name="protected", tooltip="The protected image(s)."),
-                io.Image.Output("perturbation", display_name="perturbation",
-                                tooltip="The perturbation, amplified for viewing: 0.5 + δ/(2ε)."),
-                ReportType.Output("report", display_name="report", tooltip="Numbers for Protection Report."),
-            ],
+            outputs=protect_outputs(),
         )
 
     @classmethod
