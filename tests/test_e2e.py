@@ -63,6 +63,7 @@ E2E_CAPS = {
     "ImmunizePurifyAdverseCleaner": {"bilateral_iterations": 2, "guided_iterations": 1},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "ImmunizeTwoStageProtect": {"stage1_iterations": 3, "stage2_iterations": 3, "refine_iterations": 2},
     "ImmunizeBackdoorScan": {"seeds": 2, "steps": 2, "width": 64, "height": 64},
     "ImmunizeSpatialAttentionUnlearning": {"steps": 3, "width": 64, "height": 64, "pool_seeds": 1, "sample_steps": 2},
 }
@@ -233,7 +234,7 @@ def test_workflow_runs(workflow_path, engine, object_info, fixtures):
         saved = engine.output_files({node_id: result.outputs.get(node_id, {})})
         assert saved, f"SaveImage node {node_id} wrote nothing"
 
-    pgd_nodes = engine_mod.nodes_of(wf, "ImmunizePGDProtect")
+    pgd_nodes = engine_mod.nodes_of(wf, "ImmunizePGDProtect") + engine_mod.nodes_of(wf, "ImmunizeTwoStageProtect")
     for pgd_id, pgd in pgd_nodes:
         _check_budget(wf, pgd_id, pgd, engine, result, inputs)
 
