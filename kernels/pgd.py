@@ -173,13 +173,17 @@ def protect(
     config: PGDConfig = PGDConfig(),
     mask: Optional[Tensor] = None,
     callback: Optional[StepCallback] = None,
+    init: Optional[Tensor] = None,
 ) -> PGDResult:
     """Optimise a protective perturbation of ``clean`` that minimises the objectives.
 
     clean: ``[B,C,H,W]`` in [0, 1] (any size); objectives: at least one :class:`Objective`;
     mask: ``[B or 1, 1, H, W]`` in [0, 1] — only where it is > 0 may pixels change;
     callback(step, total_steps, x_adv, record) is called after every step (progress, preview,
-    cancellation: raise :class:`Interrupted` or any exception to stop).
+    cancellation: raise :class:`Interrupted` or any exception to stop);
+    init: a starting perturbation δ₀ ``[B or 1,C,H,W]`` (fractions of the pixel range, e.g. an
+    earlier result minus ``clean``) to continue from. It is projected onto the budget, the mask
+    and the pixel range, and replaces the seeded start (so ``random_start`` must be off).
 
     Early stop: when ``config.early_stop`` and every objective that reports ``reached`` reports
     it for every sample, the optimisation stops (fewer visible changes). Samples are not dropped
@@ -206,7 +210,14 @@ def protect(
     weights = [float(obj.weight) for obj in objectives]
 
     gen = torch.Generator(device="cpu").manual_seed(int(config.seed))
-    if config.random_start:
+    if init is not None:
+        if config.random_start:
+            raise ValueError("PGD got both a starting perturbation (init) and random_start: pick one")
+        if init.dim() != 4 or init.shape[1:] != clean.shape[1:] or init.shape[0] not in (1, clean.shape[0]):
+            raise ValueError(f"init must be a perturbation shaped like the image {tuple(clean.shape)} "
+                             f"(or one for all), got {tuple(init.shape)}")
+        delta = project(init.detach().to(clean).expand_as(clean).clone(), clean, config.eps, config.norm, mask)
+    elif config.random_start:
         noise = torch.rand(clean.shape, generator=gen) * 2 - 1
         delta = noise.to(clean) * config.eps
         if config.norm == "l2":

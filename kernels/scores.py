@@ -420,6 +420,9 @@ _WANTS = {
     "ism_cosine": "low", "ism_rule": "low", "distance": "high", "same_person_rate": "low",
     "fdfr": "high", "psnr_db": "high", "ssim": "high", "brisque": "low", "lpips": "low",
     "edit_rms_255": "high", "edit_psnr_db": "low",
+    # TSDF (kernels/tsdf.py): interruption distortion, the attacker's detector, persistence
+    "l2_mask": "high", "success_rate": "high", "vs_baseline": "high", "persistence": "high",
+    "precision": "low", "recall": "low", "miss_or_misplace_rate": "high", "training_photos": "low",
 }
 
 

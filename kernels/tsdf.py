@@ -55,6 +55,19 @@ gradient sum, starting at the combined δ, never leaving ε of the clean image) 
 interruption. Each image finally keeps the refined result if the poisoning still holds there,
 else the combined one if *it* holds (the poisoning's real check decides), else the refined one.
 The result is 8-bit quantised within ε.
+
+Persistence (what the paper's title is about). The attacker collects the protected photos, runs
+their detector over them and fine-tunes the forgery model on the face crops it returns
+(:func:`crop_faces`: the largest face of each photo, a square with a margin, resized to the
+training size; a photo without a detected face drops out). :func:`persistence_scores` then
+measures the interruption with the fine-tuned model θ₁ next to the base model θ₀ and next to an
+unprotected control of the same budget (:func:`random_sign_noise`, ±ε with random signs):
+
+    D(θ, x') = E_s D_M( G_θ(x'; s), G_θ(x; s) ),   persistence = D(θ₁, x+δ) / D(θ₀, x+δ)
+
+When the detector kept nothing the attacker has no training data and θ₁ does not exist — the
+poisoning's way of making the interruption persist. :func:`tsdf_score_row` and
+:func:`persistence_score_rows` turn both sets of numbers into Score Report rows.
 """
 
 from __future__ import annotations
@@ -69,7 +82,7 @@ from .denoising import Denoiser, add_noise
 from .encoder import pad_to_multiple
 from .pgd import (
     BoundObjective, Objective, ObjectiveOutput, PGDConfig, PGDResult, StepCallback, StepRecord,
-    _unique_names, combine_gradients, project, protect, quantize_within_budget,
+    _unique_names, project, protect, quantize_within_budget,
 )
 
 SUCCESS_THRESHOLD = 0.05  # D_M above which a forgery counts as disrupted (Ruiz et al. 2020, TSDF)
@@ -315,6 +328,211 @@ def format_scores(scores: dict) -> str:
     ])
 
 
+# --------------------------------------------------------------------------- persistence
+
+
+def largest_box(boxes: Tensor) -> Optional[Tensor]:
+    """The largest box ``[4]`` (x1, y1, x2, y2) of ``[F,4]``, or None when F = 0."""
+    if boxes.numel() == 0:
+        return None
+    area = (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
+    return boxes[int(area.argmax())]
+
+
+def crop_square(box: Tensor, height: int, width: int, margin: float = 0.3) -> tuple[int, int, int]:
+    """The attacker's crop window for a face box: a square of side s = max(w, h)·(1 + margin)
+    about the box centre, at most the image's shorter side, shifted to lie inside the image →
+    integer ``(top, left, side)`` in pixels."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1) * (1.0 + float(margin))
+    side = int(round(min(max(side, 1.0), height, width)))
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    left = int(round(min(max(cx - side / 2.0, 0.0), width - side)))
+    top = int(round(min(max(cy - side / 2.0, 0.0), height - side)))
+    return top, left, side
+
+
+def crop_faces(images: Tensor, boxes: Sequence[Tensor], size: int, margin: float = 0.3) -> tuple[Tensor, Tensor]:
+    """The attacker's data preparation: one training crop per photo whose detector found a face.
+
+    images: ``[B,3,H,W]`` in [0,1]; boxes: the detector's ``[F,4]`` boxes per image (e.g.
+    :func:`kernels.detector.detect_boxes`); size: the training size in pixels; margin: extra
+    context around the largest face (:func:`crop_square`). A photo without a face yields nothing
+    (it drops out of the training set). → (crops ``[K,3,size,size]`` in [0,1], kept ``[B]`` bool)
+    with K = kept.sum(), possibly 0. Resized with antialiased bicubic, as PIL-based pipelines do.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected RGB images [B,3,H,W], got shape {tuple(images.shape)}")
+    if len(boxes) != images.shape[0]:
+        raise ValueError(f"{len(boxes)} box lists for {images.shape[0]} images")
+    if size < 8:
+        raise ValueError(f"crop size must be >= 8 px, got {size}")
+    h, w = images.shape[-2:]
+    crops, kept = [], []
+    for img, bx in zip(images, boxes):
+        box = largest_box(bx)
+        kept.append(box is not None)
+        if box is None:
+            continue
+        top, left, side = crop_square(box, h, w, margin)
+        patch = img[None, :, top:top + side, left:left + side].float()
+        crops.append(torch.nn.functional.interpolate(patch, size=(size, size), mode="bicubic",
+                                                     align_corners=False, antialias=True).clamp(0, 1))
+    out = torch.cat(crops) if crops else images.new_zeros((0, 3, size, size), dtype=torch.float32)
+    return out, torch.tensor(kept, dtype=torch.bool)
+
+
+def random_sign_noise(clean: Tensor, eps: float, seed: int = 0, mask: Optional[Tensor] = None) -> Tensor:
+    """The unprotected baseline of the same budget: x + n, n = ±ε with random signs (seeded),
+    8-bit quantised within ε (so it is what a saved PNG holds). clean ``[B,3,H,W]`` in [0,1]."""
+    gen = torch.Generator().manual_seed(int(seed))
+    noise = (torch.randint(0, 2, clean.shape, generator=gen).float() * 2 - 1).to(clean) * eps
+    if mask is not None:
+        noise = noise * mask.to(clean)
+    return quantize_within_budget(clean, (clean + noise).clamp(0, 1), eps, "linf", mask)
+
+
+def _distortion_block(d: Tensor, threshold: float) -> dict:
+    return {"distortion_l2_mask": [round(float(v), 6) for v in d], "mean_distortion_l2_mask": float(d.mean()),
+            "success_rate": distortion_success_rate(d, threshold)}
+
+
+def persistence_scores(clean: Tensor, protected: Tensor, baseline: Tensor, before: ForgeryPipeline,
+                       after: Optional[ForgeryPipeline], kept: int, after_baseline: Optional[ForgeryPipeline] = None,
+                       mask: Optional[Tensor] = None, seeds: Sequence[int] = (1000, 1001),
+                       threshold: float = SUCCESS_THRESHOLD, baseline_name: str = "random-sign noise") -> dict:
+    """Does the interruption persist once the attacker fine-tunes on the photos their detector kept?
+
+    clean, protected, baseline: ``[B,3,H,W]`` in [0,1] (baseline: the unprotected control of the
+    same budget, e.g. :func:`random_sign_noise`); before: the forgery G_θ₀ with the attacker's
+    base model; after: G_θ₁ with θ₁ = DreamBooth-LoRA(θ₀) fine-tuned on the ``kept`` crops the
+    detector found in the protected photos (None when ``kept`` is 0: nothing to train on);
+    after_baseline: the forgery with a model fine-tuned on the *baseline's* crops (default: θ₁);
+    mask: ``[B or 1,1,H,W]`` face region of D_M (None: whole image); seeds: fresh noise seeds.
+
+        D(θ, x') = (1/|S|) Σ_s D_M( G_θ(x'; s), G_θ(x; s) )                 per image
+        before = D(θ₀, x + δ),   after = D(θ₁, x + δ)
+        baseline_before = D(θ₀, x + n),   baseline_after = D(θ_b, x + n)      (θ_b = θ₁ by default)
+        persistence = mean(after) / mean(before)     (1: fine-tuning did not weaken the interruption)
+        advantage   = mean(after) / mean(baseline_after)   (how far above the noise floor of ε)
+
+    When the detector kept no protected photo (``kept`` = 0) the attacker has no training data:
+    θ₁ does not exist, the "after" numbers are None with that reason, and the forgery the
+    attacker can still make is the base model's (``before``). JSON-ready dict.
+    """
+    if not (clean.shape == protected.shape == baseline.shape):
+        raise ValueError(f"clean {tuple(clean.shape)}, protected {tuple(protected.shape)} and baseline "
+                         f"{tuple(baseline.shape)} must have one shape")
+    n = int(clean.shape[0])
+    if not 0 <= int(kept) <= n:
+        raise ValueError(f"kept must be between 0 and {n} (the number of protected photos), got {kept}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("persistence needs at least one evaluation seed")
+    if int(kept) > 0 and after is None:
+        raise ValueError("the attacker kept training photos, so the fine-tuned forgery ('after') is needed")
+    trained = int(kept) > 0
+    out: dict = {
+        "images": n, "seeds": seeds, "success_threshold": threshold, "baseline": baseline_name,
+        "attacker": {"photos": n, "kept": int(kept), "dropped": n - int(kept), "trained": trained},
+    }
+    b_prot = forgery_distortion([before], clean, protected, mask, seeds)
+    b_base = forgery_distortion([before], clean, baseline, mask, seeds)
+    out["before"] = {"protected": _distortion_block(b_prot, threshold), "baseline": _distortion_block(b_base, threshold)}
+    out["advantage_before"] = float(b_prot.mean() / b_base.mean().clamp_min(1e-12))
+    if not trained:
+        out["after"] = None
+        out["persistence"] = out["advantage_after"] = None
+        out["reason"] = (f"attacker has no training data: the detector dropped all {n} protected photo(s), "
+                         "so no fine-tuned model exists; the forgery left to the attacker is the base model's")
+        return out
+    a_prot = forgery_distortion([after], clean, protected, mask, seeds)
+    a_base = forgery_distortion([after_baseline or after], clean, baseline, mask, seeds)
+    out["after"] = {"protected": _distortion_block(a_prot, threshold), "baseline": _distortion_block(a_base, threshold)}
+    out["persistence"] = float(a_prot.mean() / b_prot.mean().clamp_min(1e-12))
+    out["advantage_after"] = float(a_prot.mean() / a_base.mean().clamp_min(1e-12))
+    out["baseline_model"] = "fine-tuned on the baseline's own crops" if after_baseline is not None else \
+        "the model fine-tuned on the protected crops"
+    return out
+
+
+def format_persistence(p: dict) -> str:
+    """A short human-readable summary of :func:`persistence_scores`."""
+    a, b = p["attacker"], p["before"]
+    lines = [
+        f"TSDF persistence over {p['images']} photo(s): the attacker's detector kept {a['kept']}, dropped {a['dropped']}",
+        f"before fine-tuning: L2_mask protected {b['protected']['mean_distortion_l2_mask']:.4f} "
+        f"(success {b['protected']['success_rate'] * 100:.0f}%) vs {p['baseline']} "
+        f"{b['baseline']['mean_distortion_l2_mask']:.5f}",
+    ]
+    if p["after"] is None:
+        lines.append(p["reason"])
+    else:
+        f = p["after"]
+        lines.append(
+            f"after fine-tuning on {a['kept']} crop(s): L2_mask protected {f['protected']['mean_distortion_l2_mask']:.4f} "
+            f"(success {f['protected']['success_rate'] * 100:.0f}%) vs {p['baseline']} "
+            f"{f['baseline']['mean_distortion_l2_mask']:.5f}; persistence {p['persistence']:.2f}x, "
+            f"{p['advantage_after']:.1f}x the baseline")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- PROTECT_SCORES rows
+
+
+def tsdf_score_row(name: str, scores: dict):
+    """:func:`tsdf_scores` as one :class:`kernels.scores.ScoreRow` for Score Report: ``tsdf/l2_mask``,
+    ``tsdf/success_rate``, ``detector/precision``, ``detector/recall``, ``detector/fdfr``,
+    ``detector/miss_or_misplace_rate`` and ``detector/fdfr_clean`` (reference)."""
+    from .scores import ScoreRow
+
+    i, p = scores["interruption"], scores["poisoning"]
+    row = ScoreRow(name)
+    row.set("tsdf/l2_mask", i["mean_distortion_l2_mask"], per_image=i["distortion_l2_mask"])
+    row.set("tsdf/success_rate", i["success_rate"])
+    reason = "MTCNN found no face on the clean photo(s): nothing to compare with"
+    row.set("detector/precision", p["precision"] if p["true_faces"] else None, reason)
+    row.set("detector/recall", p["recall"] if p["true_faces"] else None, reason)
+    row.set("detector/fdfr", p["fdfr_protected"])
+    row.set("detector/miss_or_misplace_rate", p["miss_or_misplace_rate"] if p["true_faces"] else None, reason)
+    row.set("detector/fdfr_clean", p["fdfr_clean"])
+    row.notes["tsdf"] = (f"L2_mask in the clean photo's face boxes, images in [-1, 1]; success when ≥ "
+                         f"{i['success_threshold']}; detector MTCNN, IoU {p['iou']} against its boxes on the clean photo")
+    return row
+
+
+def persistence_score_rows(label: str, p: dict) -> list:
+    """:func:`persistence_scores` as :class:`kernels.scores.ScoreRow` s, one per condition:
+    ``{label}: protected, base model``, ``{label}: baseline, base model``, and the same two
+    after fine-tuning — unavailable, with the reason ("attacker has no training data"), when the
+    detector kept nothing. Metrics: ``tsdf/l2_mask``, ``tsdf/success_rate``,
+    ``attacker/training_photos``, and on the protected rows ``tsdf/vs_baseline`` (and, after
+    fine-tuning, ``tsdf/persistence``)."""
+    from .scores import ScoreRow
+
+    rows = []
+    kept = p["attacker"]["kept"]
+    for stage, model in (("before", "base model"), ("after", "fine-tuned")):
+        for cond in ("protected", "baseline"):
+            what = "protected" if cond == "protected" else p["baseline"]
+            row = ScoreRow(f"{label}: {what}, {model}")
+            block = None if p[stage] is None else p[stage][cond]
+            reason = p.get("reason", "")
+            row.set("tsdf/l2_mask", None if block is None else block["mean_distortion_l2_mask"], reason,
+                    per_image=None if block is None else block["distortion_l2_mask"])
+            row.set("tsdf/success_rate", None if block is None else block["success_rate"], reason)
+            if stage == "after":
+                row.set("attacker/training_photos", kept)
+            if cond == "protected":
+                row.set("tsdf/vs_baseline", p[f"advantage_{stage}"], reason)
+                if stage == "after":
+                    row.set("tsdf/persistence", p["persistence"], reason)
+            row.notes["persistence"] = (f"D_M of forgery(x') vs forgery(clean) with the {model}; seeds {p['seeds']}; "
+                                        f"attacker's detector kept {kept} of {p['images']} protected photo(s)")
+            rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------- two stages
 
 
@@ -359,40 +577,6 @@ class TwoStageResult:
     stages: dict[str, PGDResult] = field(default_factory=dict)  # "interruption" (stage 1), "poison" (stage 2)
     combined: Optional[Tensor] = None  # Π_ε(δ₁ + s₂δ₂) + x, before the refinement
     chose_combined: Optional[Tensor] = None  # [B] bool: the refinement broke the poisoning there
-
-
-def _refine(clean: Tensor, start: Tensor, objectives: Sequence[Objective], eps: float, step: float,
-            iterations: int, mask: Optional[Tensor], callback: Optional[StepCallback],
-            offset: int, total: int) -> tuple[Tensor, list[StepRecord], list]:
-    """L∞ PGD on ``objectives`` from ``start`` (not from the clean image), within ``eps`` of
-    ``clean``: :func:`kernels.pgd.protect`'s update, projection and gradient rule, without its
-    start and early stop. Returns the final image, the history and the bound objectives."""
-    with torch.no_grad():
-        bound = [o.bind(clean) for o in objectives]
-    names = _unique_names([o.name for o in objectives])
-    weights = [float(o.weight) for o in objectives]
-    delta = project(start - clean, clean, eps, "linf", mask)
-    history = []
-    for k in range(iterations):
-        delta.requires_grad_(True)
-        grads, losses, logs = [], {}, {}
-        for name, fn in zip(names, bound):
-            out = fn(clean + delta)
-            (g,) = torch.autograd.grad(out.loss.sum(), delta)
-            grads.append(g)
-            losses[name] = out.loss.detach().cpu()
-            logs.update({f"{name}/{kk}": v.detach().float().cpu() for kk, v in out.logs.items()})
-        record = StepRecord(step=offset + k, total=sum(w * losses[n] for n, w in zip(names, weights)),
-                            losses=losses, logs=logs)
-        history.append(record)
-        with torch.no_grad():
-            g = combine_gradients(grads, weights)
-            if mask is not None:
-                g = g * mask
-            delta = project(delta.detach() - step * g.sign(), clean, eps, "linf", mask)
-        if callback is not None:
-            callback(offset + k + 1, total, (clean + delta).detach(), record)
-    return (clean + delta).detach(), history, bound
 
 
 def _final_logs(bound, names, image):
@@ -458,9 +642,12 @@ def two_stage_protect(
 
     offset = c.stage1_iterations + c.stage2_iterations
     objectives = [_weighted(o, c.weights[0]) for o in interruption] + [_weighted(o, c.weights[1]) for o in poison]
-    refined, hist3, bound = _refine(clean, combined, objectives, c.eps, c.step, c.refine_iterations,
-                                    mask, callback, offset, total)
-    refined = quantize_within_budget(clean, refined, c.eps, "linf", mask)
+    r3 = protect(clean, objectives, PGDConfig(eps=c.eps, step=c.step, iterations=c.refine_iterations,
+                                              seed=c.seed + 2, early_stop=False, quantize=True),
+                 mask, shifted(offset), init=combined - clean)
+    refined, hist3 = r3.protected, r3.history
+    with torch.no_grad():  # the bindings PGD just used (``_weighted`` keeps them): nothing recomputed
+        bound = [o.bind(clean) for o in objectives]
 
     names = _unique_names([o.name for o in objectives])
     _, _, poison_ok = _final_logs(bound[len(interruption):], names[len(interruption):], refined)
@@ -512,18 +699,28 @@ class _ThroughCombination:
 
 
 class _weighted:
-    """An objective with another weight (the refinement's w_int, w_poi), same name and binding."""
+    """An objective with another weight (the refinement's w_int, w_poi), same name and binding.
+
+    It keeps its last binding: binding again to an equal clean image returns the same callable,
+    so the final checks after the refinement reuse what PGD bound (clean forgeries, detector
+    ground truth) instead of computing it twice."""
 
     def __init__(self, objective: Objective, factor: float):
         self.objective, self.name = objective, objective.name
         self.weight = float(objective.weight) * float(factor)
+        self._bound: Optional[tuple[Tensor, BoundObjective]] = None
 
     def bind(self, clean: Tensor) -> BoundObjective:
-        return self.objective.bind(clean)
+        if self._bound is not None and self._bound[0].shape == clean.shape and torch.equal(self._bound[0], clean):
+            return self._bound[1]
+        fn = self.objective.bind(clean)
+        self._bound = (clean.detach().clone(), fn)
+        return fn
 
 
 __all__ = [
     "SUCCESS_THRESHOLD", "DiffusionEdit", "ForgeryPipeline", "InterruptionObjective", "TwoStageConfig",
-    "TwoStageResult", "center_crop_to", "ddim_timesteps", "format_scores", "tsdf_scores", "distortion_success_rate", "forgery_distortion", "masked_l2",
-    "two_stage_protect",
+    "TwoStageResult", "center_crop_to", "crop_faces", "crop_square", "ddim_timesteps", "distortion_success_rate",
+    "forgery_distortion", "format_persistence", "format_scores", "largest_box", "masked_l2", "persistence_score_rows",
+    "persistence_scores", "random_sign_noise", "tsdf_score_row", "tsdf_scores", "two_stage_protect",
 ]

@@ -231,7 +231,8 @@ class ImmunizeLoRAFineTune(io.ComfyNode):
                                "it is copied for training, never modified."),
                 io.Vae.Input("vae", tooltip="The VAE that maps the photos to this model's latents."),
                 io.Image.Input("images", tooltip="The instance photos (e.g. the protected or purified "
-                               "images). Not resized: use the size the model was made for."),
+                               "images, or Detector Crop's crops). Not resized: use the size the model was "
+                               "made for. An empty batch (the detector kept nothing) returns the model unchanged."),
                 io.Conditioning.Input("instance_conditioning", tooltip="The instance prompt, e.g. a "
                                       "CLIP Text Encode of 'a photo of sks person'."),
                 io.Int.Input("rank", default=4, min=1, max=128,
@@ -269,7 +270,8 @@ class ImmunizeLoRAFineTune(io.ComfyNode):
                 io.String.Output(display_name="lora_name",
                                  tooltip="The saved file's name as Load LoRA lists it (empty if not saved)."),
                 io.String.Output(display_name="loss_log",
-                                 tooltip="JSON: per-step loss components (instance, prior, total)."),
+                                 tooltip="JSON: per-step loss components (instance, prior, total), or "
+                                         "{\"skipped\": reason} when there were no images."),
             ],
         )
 
@@ -282,6 +284,12 @@ class ImmunizeLoRAFineTune(io.ComfyNode):
                                 seed=int(seed))
         if save_lora and not lora_prefix.strip():
             raise ValueError("'lora_prefix' is empty: give a file name prefix such as 'immunize/dreambooth'")
+        if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] == 0:
+            # e.g. Detector Crop kept no photo: there is nothing to learn from, so the attacker's
+            # model stays what it was; said in the log rather than failing the whole graph
+            logging.warning("Immunize LoRA fine-tune: no instance images, the model is returned unchanged")
+            return io.NodeOutput(model, "", json.dumps({"skipped": "no instance images: the attacker has no "
+                                                                   "training data, the model is unchanged"}))
         training = train_lora(model, vae, images, instance_conditioning, config, int(rank), float(alpha),
                               class_images, class_conditioning, progress=_TrainingProgress(config.steps))
         training.denoiser = None  # free the private UNet copy before ComfyUI caches the outputs

@@ -1,5 +1,6 @@
-"""TSDF nodes: interruption and detector-poisoning objectives, the two-stage protection, and
-its scores. The math is in ``kernels/tsdf.py`` and ``kernels/detector.py``; ComfyUI access to
+"""TSDF nodes: interruption and detector-poisoning objectives, the two-stage protection, the
+attacker's detector crop, and the scores (TSDF's own, and persistence after the attacker's
+fine-tuning). The math is in ``kernels/tsdf.py`` and ``kernels/detector.py``; ComfyUI access to
 MODEL/VAE is in ``nodes/diffusion_access.py``."""
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import folder_paths
 from ..kernels.detector import MODES, DetectorPoisonObjective, MTCNNDetector, detect_boxes, face_mask
 from ..kernels.report import ProtectionReport
 from ..kernels.tsdf import (
-    DiffusionEdit, InterruptionObjective, TwoStageConfig, ddim_timesteps, format_scores, tsdf_scores,
+    DiffusionEdit, InterruptionObjective, TwoStageConfig, crop_faces, ddim_timesteps, format_persistence,
+    format_scores, persistence_score_rows, persistence_scores, random_sign_noise, tsdf_score_row, tsdf_scores,
     two_stage_protect,
 )
 from .common import (CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
                      mask_to_b1hw, protect_outputs)
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
+from .scores import ScoresType, _append, _label
 
 TSDF_CATEGORY = f"{CATEGORY}/tsdf"
+ATTACKER_CATEGORY = f"{CATEGORY}/attacker"
 REGIONS = ("face", "image")
 
 
@@ -53,6 +57,27 @@ def _weight_input():
     )
 
 
+def diffusion_edit(model: Any, vae: Any, conditioning: Any, strength: float, steps: int) -> DiffusionEdit:
+    """TSDF's forgery G (img2img by η = 0 DDIM, :class:`~kernels.tsdf.DiffusionEdit`) on private
+    copies of a ComfyUI MODEL (its LoRA patches applied) and VAE. Call outside inference mode."""
+    vae_access = VAEAccess(vae)
+    den = DenoiserAccess(model)
+    return DiffusionEdit(
+        encode=latent_encoder(vae_access, den),
+        decode=lambda z: vae_access.decode(den.model.process_latent_out(z)),
+        denoiser=den, cond=conditioning, strength=float(strength), steps=int(steps), multiple=vae_access.multiple,
+    )
+
+
+def _save_json(data: dict, filename_prefix: str) -> Path:
+    out_dir = folder_paths.get_output_directory()
+    full_dir, stem, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+    path = Path(full_dir) / f"{stem}_{counter:05}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
 class ComfyInterruptionObjective:
     """PGD objective: :class:`~kernels.tsdf.InterruptionObjective` with a diffusion edit on a
     ComfyUI MODEL + VAE. Heavy private copies are made in ``bind`` (outside inference mode)."""
@@ -75,14 +100,7 @@ class ComfyInterruptionObjective:
 
     def build(self) -> InterruptionObjective:
         with torch.inference_mode(False):
-            vae = VAEAccess(self.vae)
-            den = DenoiserAccess(self.model)
-            edit = DiffusionEdit(
-                encode=latent_encoder(vae, den),
-                decode=lambda z: vae.decode(den.model.process_latent_out(z)),
-                denoiser=den, cond=self.conditioning, strength=self.strength, steps=self.steps,
-                multiple=vae.multiple,
-            )
+            edit = diffusion_edit(self.model, self.vae, self.conditioning, self.strength, self.steps)
             mask = None
             if self.region == "face":
                 mask = lambda clean: face_mask(detect_boxes(_mtcnn(), clean), *clean.shape[-2:]).to(clean.device)
@@ -249,7 +267,7 @@ class ImmunizeScoreTSDF(io.ComfyNode):
                 "TSDF's numbers: the masked L2 distortion of the forgery of the protected photo against "
                 "the forgery of the original (success when ≥ 0.05), and what MTCNN does on the protected "
                 "photo (precision/recall at IoU 0.7 against its detections on the original, FDFR). "
-                "Writes them as JSON into the output folder."
+                "Writes them as JSON into the output folder and adds a row to PROTECT_SCORES for Score Report."
             ),
             inputs=[
                 io.Image.Input("clean", tooltip="The original photo(s)."),
@@ -257,27 +275,173 @@ class ImmunizeScoreTSDF(io.ComfyNode):
                 io.Image.Input("forged_clean", tooltip="The forgery (e.g. img2img) of the original photo(s)."),
                 io.Image.Input("forged_protected", tooltip="The same forgery (same seed and settings) of "
                                "the protected photo(s)."),
+                io.String.Input("label", default="TSDF", tooltip="Name of the Score Report row these numbers go to, "
+                                "e.g. 'TSDF' or 'TSDF, fine-tuned forger'."),
                 io.String.Input("filename_prefix", default="immunize/tsdf_scores",
                                 tooltip="Where the JSON goes, relative to the output folder."),
+                ScoresType.Input("scores", optional=True, tooltip="Scores from another score node: the new row is "
+                                 "added to them (same label = same row)."),
             ],
-            outputs=[io.String.Output("summary", display_name="summary", tooltip="The scores as text.")],
+            outputs=[
+                io.String.Output("summary", display_name="summary", tooltip="The scores as text."),
+                ScoresType.Output("scores_out", display_name="PROTECT_SCORES",
+                                  tooltip="The scores so far, for more score nodes or the Score Report."),
+            ],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, clean, protected, forged_clean, forged_protected, filename_prefix) -> io.NodeOutput:
-        imgs = [image_to_bchw(t, name) for t, name in ((clean, "clean"), (protected, "protected"),
-                                                      (forged_clean, "forged_clean"),
-                                                      (forged_protected, "forged_protected"))]
+    def execute(cls, clean, protected, forged_clean, forged_protected, label, filename_prefix,
+                scores=None) -> io.NodeOutput:
+        name = _label(label)
+        imgs = [image_to_bchw(t, n) for t, n in ((clean, "clean"), (protected, "protected"),
+                                                 (forged_clean, "forged_clean"),
+                                                 (forged_protected, "forged_protected"))]
         with torch.inference_mode(False):
-            scores = tsdf_scores(*[t.cpu() for t in imgs], detect=lambda x: detect_boxes(_mtcnn(), x))
-        out_dir = folder_paths.get_output_directory()
-        full_dir, stem, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        path = Path(full_dir) / f"{stem}_{counter:05}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(scores, indent=2))
-        summary = format_scores(scores) + f"\nsaved: {path}"
-        return io.NodeOutput(summary, ui={"text": [summary]})
+            result = tsdf_scores(*[t.cpu() for t in imgs], detect=lambda x: detect_boxes(_mtcnn(), x))
+        path = _save_json(result, filename_prefix)
+        summary = format_scores(result) + f"\nsaved: {path}"
+        return io.NodeOutput(summary, _append(scores, tsdf_score_row(name, result)), ui={"text": [summary]})
 
 
-NODES = [ImmunizeInterruptionObjective, ImmunizeDetectorPoisonObjective, ImmunizeTwoStageProtect, ImmunizeScoreTSDF]
+class ImmunizeDetectorCrop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ImmunizeDetectorCrop",
+            display_name="Detector Crop (attacker)",
+            category=ATTACKER_CATEGORY,
+            description=(
+                "The attacker's data preparation, as face-swap and fine-tuning pipelines do it: MTCNN finds "
+                "the faces, the largest one of each photo is cropped (a square with some margin) and resized "
+                "to the training size. A photo where MTCNN finds no face yields nothing: it drops out of the "
+                "training set (TSDF's poisoning aims at exactly that). If nothing is kept the crops are an "
+                "empty batch, and LoRA Fine-Tune and TSDF Persistence report 'attacker has no training data'."
+            ),
+            inputs=[
+                io.Image.Input("images", tooltip="The photos the attacker collected (e.g. the protected ones)."),
+                io.Int.Input("size", default=512, min=64, max=2048, step=8,
+                             tooltip="Training size in pixels: every crop is resized to size x size."),
+                io.Float.Input("margin", default=0.3, min=0.0, max=2.0, step=0.05,
+                               tooltip="Context around the face: the crop's side is the face box's longer "
+                                       "side times (1 + margin), at most the photo's shorter side."),
+                io.Float.Input("min_confidence", default=0.9, min=0.0, max=0.999, step=0.01,
+                               tooltip="MTCNN face probability a detection needs to be used (on top of MTCNN's "
+                                       "own cascade thresholds); photos without one are dropped."),
+            ],
+            outputs=[
+                io.Image.Output("crops", display_name="crops", tooltip="One crop per kept photo (an empty batch "
+                                "when the detector kept none)."),
+                io.Int.Output("kept", display_name="kept", tooltip="How many photos gave a training crop."),
+                io.Int.Output("dropped", display_name="dropped", tooltip="How many photos the detector dropped."),
+                io.String.Output("summary", display_name="summary", tooltip="What was kept and dropped, as text."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images, size, margin, min_confidence) -> io.NodeOutput:
+        x = image_to_bchw(images, "images")
+        boxes = detect_boxes(_mtcnn(), x, min_prob=float(min_confidence))
+        crops, kept = crop_faces(x, boxes, int(size), float(margin))
+        n, k = int(kept.numel()), int(kept.sum())
+        summary = (f"attacker's detector (MTCNN, confidence ≥ {min_confidence:g}) kept {k} of {n} photo(s), "
+                   f"dropped {n - k}" + (f" (photos {[i for i, v in enumerate(kept.tolist()) if not v]})" if k < n else ""))
+        if k == 0:
+            summary += ": the attacker has no training data"
+        return io.NodeOutput(bchw_to_image(crops), k, n - k, summary, ui={"text": [summary]})
+
+
+class ImmunizeTSDFPersistence(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ImmunizeTSDFPersistence",
+            display_name="TSDF Persistence",
+            category=TSDF_CATEGORY,
+            description=(
+                "Does the interruption survive the attacker's retraining? Forges the clean photo, the protected "
+                "photo and an unprotected control (±epsilon random-sign noise, same budget) with the base model "
+                "and with the model the attacker fine-tuned on the crops their detector kept, and reports the "
+                "masked L2 distortion of each against the clean photo's forgery (TSDF's metric), "
+                "after/before (persistence) and protected/control. The forgery is TSDF's img2img by DDIM, "
+                "the same one the Interruption Objective attacks, on fresh seeds. Adds rows to "
+                "PROTECT_SCORES and writes a JSON."
+            ),
+            inputs=[
+                io.Image.Input("clean", tooltip="The original photo(s)."),
+                io.Image.Input("protected", tooltip="The protected photo(s), same size and order."),
+                io.Model.Input("model", tooltip="The attacker's base model (before fine-tuning)."),
+                io.Model.Input("finetuned_model", tooltip="The model after LoRA Fine-Tune on the Detector Crop "
+                               "crops of the protected photos."),
+                io.Vae.Input("vae", tooltip="The VAE of these models."),
+                io.Conditioning.Input("edit_prompt", tooltip="Text conditioning of the forgery (edit) prompt."),
+                io.Image.Input("training_crops", tooltip="The crops the attacker trained on (Detector Crop's "
+                               "'crops'); an empty batch means the attacker had no training data."),
+                io.Float.Input("epsilon", default=8.0, min=1.0, max=64.0, step=0.5,
+                               tooltip="Budget (/255) of the unprotected control: ±epsilon random-sign noise. "
+                                       "Use the protection's epsilon."),
+                io.Float.Input("strength", default=0.5, min=0.05, max=1.0, step=0.05,
+                               tooltip="img2img strength of the forgery (share of the noise schedule re-noised)."),
+                io.Int.Input("steps", default=2, min=1, max=50, tooltip="DDIM steps of the forgery."),
+                io.Combo.Input("region", options=list(REGIONS), default="face",
+                               tooltip="face: distortion inside the faces MTCNN finds on the clean photo "
+                                       "(the whole image where none is found); image: everywhere."),
+                io.Int.Input("seeds", default=2, min=1, max=16,
+                             tooltip="Forgery noise seeds averaged over (1000, 1001, …: not those PGD used)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the control's random signs."),
+                io.String.Input("label", default="TSDF", tooltip="Prefix of the Score Report rows, e.g. 'TSDF'."),
+                io.String.Input("filename_prefix", default="immunize/tsdf_persistence",
+                                tooltip="Where the JSON goes, relative to the output folder."),
+                io.Model.Input("baseline_finetuned_model", optional=True,
+                               tooltip="Optional: a model fine-tuned on the control photos' own crops, for the "
+                                       "control's 'after' numbers (default: finetuned_model)."),
+                ScoresType.Input("scores", optional=True, tooltip="Scores from another score node: the new rows "
+                                 "are added to them."),
+            ],
+            outputs=[
+                ScoresType.Output("scores_out", display_name="PROTECT_SCORES",
+                                  tooltip="The scores so far, for more score nodes or the Score Report."),
+                io.String.Output("summary", display_name="summary", tooltip="The numbers as text."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, clean, protected, model, finetuned_model, vae, edit_prompt, training_crops, epsilon, strength,
+                steps, region, seeds, seed, label, filename_prefix, baseline_finetuned_model=None,
+                scores=None) -> io.NodeOutput:
+        name = _label(label)
+        if region not in REGIONS:
+            raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+        if not edit_prompt:
+            raise ValueError("'edit_prompt' is empty: connect the forgery prompt's text encode node")
+        for m in (model, finetuned_model) + (() if baseline_finetuned_model is None else (baseline_finetuned_model,)):
+            check_supported_model(m)
+        ddim_timesteps(strength, steps)
+        x, p = image_to_bchw(clean, "clean"), image_to_bchw(protected, "protected")
+        if x.shape != p.shape:
+            raise ValueError(f"'clean' {tuple(x.shape)} and 'protected' {tuple(p.shape)} differ: connect the same photos")
+        kept = int(training_crops.shape[0]) if training_crops is not None else 0
+        if kept > x.shape[0]:
+            raise ValueError(f"'training_crops' has {kept} crops for {x.shape[0]} photos: connect the Detector Crop "
+                             "of these protected photos")
+        with torch.inference_mode(False):
+            x, p = x.clone(), p.clone()
+            baseline = random_sign_noise(x, epsilon / 255.0, int(seed))
+            mask = face_mask(detect_boxes(_mtcnn(), x), *x.shape[-2:]) if region == "face" else None
+            before = diffusion_edit(model, vae, edit_prompt, strength, steps)
+            after = diffusion_edit(finetuned_model, vae, edit_prompt, strength, steps) if kept else None
+            after_b = (diffusion_edit(baseline_finetuned_model, vae, edit_prompt, strength, steps)
+                       if kept and baseline_finetuned_model is not None else None)
+            result = persistence_scores(x, p, baseline, before, after, kept, after_b, mask,
+                                        seeds=[1000 + k for k in range(int(seeds))],
+                                        baseline_name=f"±{epsilon:g}/255 random-sign noise")
+        path = _save_json(result, filename_prefix)
+        summary = format_persistence(result) + f"\nsaved: {path}"
+        rows = persistence_score_rows(name, result)
+        return io.NodeOutput(_append(scores, rows[0]).merge(*rows[1:]), summary, ui={"text": [summary]})
+
+
+NODES = [ImmunizeInterruptionObjective, ImmunizeDetectorPoisonObjective, ImmunizeTwoStageProtect, ImmunizeScoreTSDF,
+         ImmunizeDetectorCrop, ImmunizeTSDFPersistence]

@@ -63,6 +63,7 @@ E2E_CAPS = {
     "ImmunizePurifyAdverseCleaner": {"bilateral_iterations": 2, "guided_iterations": 1},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "ImmunizeDetectorCrop": {"size": 64},
     "ImmunizeTwoStageProtect": {"stage1_iterations": 3, "stage2_iterations": 3, "refine_iterations": 2},
     "ImmunizeBackdoorScan": {"seeds": 2, "steps": 2, "width": 64, "height": 64},
     "ImmunizeSpatialAttentionUnlearning": {"steps": 3, "width": 64, "height": 64, "pool_seeds": 1, "sample_steps": 2},

@@ -287,8 +287,8 @@ def test_two_stage_node_stays_in_budget_and_keeps_both_effects(tiny, small_photo
     with torch.inference_mode():
         res = ImmunizeScoreTSDF.execute(
             clean=image, protected=protected_img, forged_clean=forged_clean.movedim(1, -1),
-            forged_protected=forged_prot.movedim(1, -1), filename_prefix="tsdf/scores")
-    (summary,) = res.args
+            forged_protected=forged_prot.movedim(1, -1), label="TSDF", filename_prefix="tsdf/scores")
+    summary, scores = res.args
     assert "recall" in summary and "L2_mask" in summary
     files = list((tmp_path / "tsdf").glob("scores_*.json"))
     assert len(files) == 1
@@ -296,6 +296,28 @@ def test_two_stage_node_stays_in_budget_and_keeps_both_effects(tiny, small_photo
     assert data["poisoning"]["recall"] == pytest.approx(1.0 - float(hit.float().mean()))
     assert data["poisoning"]["fdfr_clean"] == 0.0
     assert len(data["interruption"]["distortion_l2_mask"]) == 2
+
+    # the same numbers as a PROTECT_SCORES row, next to another score node's row, in Score Report
+    from immunize.nodes.scores import ScoreQuality, ScoreReport
+
+    with torch.inference_mode():
+        (quality,) = ScoreQuality.execute(image=protected_img, reference=image, label="TSDF", brisque_model="",
+                                          lpips_weights="").args
+        (_, merged) = ImmunizeScoreTSDF.execute(
+            clean=image, protected=protected_img, forged_clean=forged_clean.movedim(1, -1),
+            forged_protected=forged_prot.movedim(1, -1), label="TSDF", filename_prefix="tsdf/scores",
+            scores=quality).args
+    row = scores["TSDF"].values
+    assert row["tsdf/l2_mask"] == pytest.approx(data["interruption"]["mean_distortion_l2_mask"])
+    assert row["tsdf/success_rate"] == data["interruption"]["success_rate"]
+    assert row["detector/recall"] == pytest.approx(data["poisoning"]["recall"])
+    assert row["detector/fdfr"] == data["poisoning"]["fdfr_protected"]
+    assert merged.names() == ["TSDF"] and "psnr_db" in merged["TSDF"].values
+    with torch.inference_mode():
+        chart, table = ScoreReport.execute(scores=merged, filename_prefix="tsdf/report").args
+    header = table.splitlines()[0].split(",")
+    assert {"psnr_db", "tsdf/l2_mask", "detector/recall"} <= set(header)
+    assert chart.shape[0] == 1 and chart.shape[-1] == 3
 
 
 def test_bad_inputs_are_clear_errors(tiny):
@@ -347,7 +369,7 @@ def test_schemas(comfy):
 
     for node in tsdf.NODES:
         schema = node.define_schema()
-        assert schema.category == "Immunize/tsdf"
+        assert schema.category == ("Immunize/attacker" if node is tsdf.ImmunizeDetectorCrop else "Immunize/tsdf")
         assert all(getattr(i, "tooltip", None) for i in schema.inputs), node.__name__
         node.VALIDATE_CLASS()
         info = node.GET_NODE_INFO_V1()
@@ -355,4 +377,4 @@ def test_schemas(comfy):
             assert info["output"] == ["PROTECT_OBJECTIVE"] and "objective" in info["input"]["optional"]
     info = tsdf.ImmunizeTwoStageProtect.GET_NODE_INFO_V1()
     assert info["output"] == ["IMAGE", "IMAGE", "PROTECT_REPORT"]
-    assert tsdf.ImmunizeScoreTSDF.GET_NODE_INFO_V1()["output"] == ["STRING"]
+    assert tsdf.ImmunizeScoreTSDF.GET_NODE_INFO_V1()["output"] == ["STRING", "PROTECT_SCORES"]
