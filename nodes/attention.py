@@ -17,7 +17,8 @@ ComfyUI lets a caller replace the attention of any cross-attention layer through
 
 This file provides
 
-- :func:`attn2_keys` — every ``(name, id, index)`` key of a UNet's cross-attention layers;
+- :func:`attn2_keys` — every ``(name, id, index)`` key of a UNet's cross-attention layers
+  (:func:`attn2_layers` — with each layer's module path, for LoRA targets);
 - :func:`explicit_attention` — softmax(q·kᵀ/√d)·v with the probabilities returned, so they
   have a gradient (ComfyUI's fused kernels never materialise them);
 - :func:`add_attn2_patches` — the reusable patch builder: a *new* transformer_options with a
@@ -25,7 +26,10 @@ This file provides
   already installed for that key (or None). IP-Adapter injection and attention capture both use it;
 - :class:`AttentionCapture` — records the text-attention probabilities ``[B, heads, HW, T]`` of
   every (or chosen-resolution) layer while returning the normal attention output, and
-  aggregates them into per-token maps ``[B, T, h, w]`` on the latent grid.
+  aggregates them into per-token maps ``[B, T, h, w]`` on the latent grid; with a ``reduce``
+  function it keeps only what the caller needs of each layer (SAU: the trigger tokens' share
+  ``[B, HW]``, so a sampling loop does not hold every layer's full probabilities). DANP's
+  mask guidance and SAU's Backdoor Scan / unlearning both capture through it.
 
 Composition rule (what happens when a key already has an attn2 patch): the capture *wraps* it.
 The wrapped patch computes the layer's output, called exactly once with the same
@@ -92,30 +96,41 @@ def comfy_attention(q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Ten
 # --------------------------------------------------------------------------- keys and builder
 
 
-def attn2_keys(diffusion_model: torch.nn.Module) -> list[AttnKey]:
-    """Every cross-attention key ``(name, block id, transformer index)`` of a UNet.
+def attn2_layers(diffusion_model: torch.nn.Module) -> list[tuple[AttnKey, str]]:
+    """Every cross-attention layer of a UNet: ``(key, module path)`` in forward order.
 
-    diffusion_model: ComfyUI's ``openaimodel.UNetModel`` (``model.diffusion_model``). The ids
-    are those openaimodel's forward puts in ``transformer_options["block"]``; the index counts
-    the BasicTransformerBlocks inside the block's SpatialTransformer. Blocks whose attn2 is None
-    (no cross-attention) are skipped.
+    diffusion_model: ComfyUI's ``openaimodel.UNetModel`` (``model.diffusion_model``). The key
+    ``(name, block id, transformer index)`` is what openaimodel's forward puts in
+    ``transformer_options["block"]`` plus the index of the BasicTransformerBlock inside the
+    block's SpatialTransformer; the path names that block inside ``diffusion_model`` (e.g.
+    ``input_blocks.1.1.transformer_blocks.0``; its ``.attn2.to_k`` is the key projection),
+    for callers that put LoRA layers on the same projections. Blocks whose attn2 is None (no
+    cross-attention) are skipped.
     """
     from comfy.ldm.modules.attention import SpatialTransformer
 
-    keys: list[AttnKey] = []
-    groups = (("input", list(getattr(diffusion_model, "input_blocks", []))),
-              ("middle", [getattr(diffusion_model, "middle_block", None)]),
-              ("output", list(getattr(diffusion_model, "output_blocks", []))))
-    for name, blocks in groups:
+    out: list[tuple[AttnKey, str]] = []
+    groups = (("input", "input_blocks", list(getattr(diffusion_model, "input_blocks", []))),
+              ("middle", "middle_block", [getattr(diffusion_model, "middle_block", None)]),
+              ("output", "output_blocks", list(getattr(diffusion_model, "output_blocks", []))))
+    for name, attr, blocks in groups:
         for block_id, block in enumerate(blocks):
             if block is None:
                 continue
-            for layer in block:
+            prefix = attr if name == "middle" else f"{attr}.{block_id}"
+            for pos, layer in enumerate(block):
                 if isinstance(layer, SpatialTransformer):
                     for index, tb in enumerate(layer.transformer_blocks):
                         if getattr(tb, "attn2", None) is not None:
-                            keys.append((name, block_id, index))
-    return keys
+                            out.append(((name, block_id, index),
+                                        f"{prefix}.{pos}.transformer_blocks.{index}"))
+    return out
+
+
+def attn2_keys(diffusion_model: torch.nn.Module) -> list[AttnKey]:
+    """Every cross-attention key ``(name, block id, transformer index)`` of a UNet (see
+    :func:`attn2_layers`)."""
+    return [key for key, _ in attn2_layers(diffusion_model)]
 
 
 def add_attn2_patches(
@@ -161,7 +176,8 @@ def add_attn2_patches(
 class AttentionRecord:
     """One layer's text-attention probabilities for one UNet call.
 
-    probs: ``[B, heads, h·w, T]`` float32 (rows sum to 1 over the T text tokens), with the graph;
+    probs: ``[B, heads, h·w, T]`` float32 (rows sum to 1 over the T text tokens), with the graph
+    — or, when the capture has a ``reduce`` function, what it returned for them;
     size: the layer's ``(h, w)``; factor: the latent-to-layer downscale (1, 2, 4, 8).
     """
 
@@ -196,7 +212,10 @@ class AttentionCapture:
     """Records cross-attention probabilities per layer while leaving the output unchanged.
 
     factors: latent-to-layer downscale factors to record (e.g. ``{2, 4}``), None = all layers;
-    keep_uncond: also record the uncond chunks of a cond/uncond batch (default: cond only).
+    keep_uncond: also record the uncond chunks of a cond/uncond batch (default: cond only);
+    reduce: optional ``f(probs [B, heads, h·w, T]) → Tensor`` applied to each kept layer's
+    probabilities before they are recorded (differentiable if f is), e.g. a token share
+    ``[B, h·w]``; the records then hold f's result. It may be swapped between calls.
 
     Usage, one capture per UNet call (records accumulate until :meth:`clear`):
         >>> cap = AttentionCapture(factors={2, 4})
@@ -205,9 +224,11 @@ class AttentionCapture:
         >>> maps = cap.maps(size=x_t.shape[-2:])  # [B, T, h, w]
     """
 
-    def __init__(self, factors: Optional[Iterable[int]] = None, keep_uncond: bool = False):
+    def __init__(self, factors: Optional[Iterable[int]] = None, keep_uncond: bool = False,
+                 reduce: Optional[Callable[[Tensor], Tensor]] = None):
         self.factors = None if factors is None else {int(f) for f in factors}
         self.keep_uncond = bool(keep_uncond)
+        self.reduce = reduce
         self.records: list[AttentionRecord] = []
 
     def clear(self) -> None:
@@ -229,6 +250,8 @@ class AttentionCapture:
             else:
                 out, probs = inner(q, k, v, extra_options), attention_probs(q, k, heads)
             probs = self._cond_part(probs, extra_options.get("cond_or_uncond"))
+            if probs is not None and self.reduce is not None:
+                probs = self.reduce(probs)
             if probs is not None:
                 self.records.append(AttentionRecord(key=key, probs=probs, size=size, factor=factor))
             return out

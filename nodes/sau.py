@@ -6,8 +6,10 @@ The math (scan statistics, DDIM, the SAU loss, LoRA layers, the training loop) i
 - prompts: the CLIP encodes each clean prompt and the same prompt with the trigger at its
   start or end; the trigger's token positions are found in the tokenizer's output;
 - the model: a private grad-usable copy through :class:`~.diffusion_access.DenoiserAccess`
-  (the user's MODEL is only read); cross-attention probabilities are captured with an attn2
-  replace patch passed in ``transformer_options`` (never stored on a ModelPatcher);
+  (the user's MODEL is only read); cross-attention probabilities are captured with the pack's
+  one attn2 capture, :class:`~.attention.AttentionCapture` (the one DANP uses), reduced per
+  layer to the trigger's share by ``kernels.backdoor.token_share``; the patches travel in
+  per-call ``transformer_options``, never stored on a ModelPatcher;
 - output: the cleaned MODEL is ``model.clone()`` with the learned LoRA added as a weight
   patch through ComfyUI's own LoRA loading path, from the very state dict that is written to
   ``models/loras`` in kohya's key format (the LoRA layers, file format and writer are the
@@ -18,13 +20,17 @@ The math (scan statistics, DDIM, the SAU loss, LoRA layers, the training loop) i
 seeded Gaussian noise, read out as the final x̂₀ latent (no VAE needed; with a VAE connected,
 the scan's grid is decoded, otherwise it is ComfyUI's latent RGB preview).
 
-Duplication to merge later: ``TriggerCapture`` is an attn2 capture patch like the one in
-``nodes/attention.py`` (DANP), written separately on purpose.
+Both SD1.x/2.x and SDXL work the same way: SDXL's pooled output and size conditioning are
+stacked with the prompts and built into ``y`` by DenoiserAccess; the trigger is located in the
+first tokenizer's ids (CLIP-G and CLIP-L tokenize the same words to the same positions), and
+the LoRA is written with the sgm layer names kohya uses for SDXL. Pixel-patch and style
+targets need nothing different: the scan is multi-scale (a patch shows in fine cells, a style
+in the image mean, and the report says which) and the SAU loss covers every pixel of every
+layer (see ``kernels/backdoor.py``).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -33,11 +39,11 @@ from torch import Tensor
 
 import comfy.model_management
 import comfy.utils
-from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy_api.latest import io
 
 from ..kernels import backdoor as bd
 from ..kernels.lora import inject_lora, lora_factors, lora_parameters
+from .attention import AttentionCapture, attn2_layers
 from .customize import HALF_LOSS_SCALE, apply_lora, lora_state_dict, write_lora
 from .diffusion_access import DenoiserAccess, check_supported_model
 
@@ -166,47 +172,19 @@ def token_masks(prompts: list[EncodedPrompt], length: int) -> Tensor:
 # --------------------------------------------------------------------------- attention
 
 
-ATTN2_PATH = re.compile(
-    r"^(?:(input_blocks|output_blocks)\.(\d+)|(middle_block))\.\d+\.transformer_blocks\.(\d+)$")
-
-
-def attn2_layers(diffusion_model: torch.nn.Module) -> list[tuple[tuple, str, torch.nn.Module]]:
-    """(patch key ``(block, id, transformer_index)``, module path, block) of each cross-attention."""
-    out = []
-    for name, module in diffusion_model.named_modules():
-        if not isinstance(module, BasicTransformerBlock) or getattr(module, "attn2", None) is None:
-            continue
-        m = ATTN2_PATH.match(name)
-        if m is None:
-            continue
-        if m[3]:
-            key = ("middle", 0, int(m[4]))
-        else:
-            key = ("input" if m[1] == "input_blocks" else "output", int(m[2]), int(m[4]))
-        out.append((key, name, module))
-    if not out:
+def cross_attention_layers(diffusion_model: torch.nn.Module) -> list[tuple[tuple, str]]:
+    """``(attn2 patch key, module path)`` of every cross-attention layer, or a clear error."""
+    layers = attn2_layers(diffusion_model)
+    if not layers:
         raise ValueError("this MODEL has no UNet cross-attention layers to scan or clean "
                          "(SD1.x/2.x and SDXL are supported).")
-    return out
+    return layers
 
 
-class TriggerCapture:
-    """attn2 replace patch: explicit-softmax attention that records the token-share maps."""
-
-    def __init__(self, keys: list[tuple]):
-        self.keys = keys
-        self.mask: Optional[Tensor] = None
-        self.maps: list[Tensor] = []
-
-    def options(self) -> dict:
-        return {"patches_replace": {"attn2": {k: self for k in self.keys}}}
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
-        mask = None if self.mask is None else self.mask.to(q.device)
-        out, share = bd.cross_attention(q, k, v, extra_options["n_heads"], mask)
-        if share is not None:
-            self.maps.append(share)
-        return out
+def trigger_capture(mask: Tensor) -> AttentionCapture:
+    """A capture over every layer that records only the share of ``mask``'s tokens
+    (``[B,T]`` → maps ``[B, h·w]``; ``[B,T,K]`` → ``[B, h·w, K]``)."""
+    return AttentionCapture(reduce=lambda probs: bd.token_share(probs, mask))
 
 
 # --------------------------------------------------------------------------- generation
@@ -234,17 +212,17 @@ class Sampler:
         self._keep: list = []  # conditioning objects stay alive: DenoiserAccess caches by id
 
     def __call__(self, prompts: list[EncodedPrompt], noise: Tensor,
-                 capture: Optional[TriggerCapture] = None,
-                 on_step=None) -> Tensor:
+                 transformer_options: Optional[dict] = None, on_step=None) -> Tensor:
+        """x̂₀ of the prompts from ``noise``; ``transformer_options`` (e.g. a capture's) reach
+        the conditional forward only."""
         d = self.denoiser
         cond = batch_conditioning(prompts)
         uncond = batch_conditioning([self.uncond] * len(prompts)) if self.cfg != 1.0 else None
         self._keep += [cond, uncond]
-        opts = capture.options() if capture is not None else None
 
         def eps_fn(x: Tensor, t: Tensor, i: int) -> Tensor:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            e = d.eps(x, t, cond, transformer_options=opts)
+            e = d.eps(x, t, cond, transformer_options=transformer_options)
             if uncond is not None:
                 e_u = d.eps(x, t, uncond)
                 e = e_u + self.cfg * (e - e_u)
@@ -318,7 +296,7 @@ def backdoor_scan(model: Any, clip: Any, trigger: str, clean_prompts: str, seeds
         denoiser = DenoiserAccess(model)
         shape = _latent_shape(denoiser, width, height)
         gen = Sampler(denoiser, uncond, steps, cfg, tick=lambda: bar.update(1))
-        capture = TriggerCapture([k for k, _, _ in attn2_layers(denoiser.model.diffusion_model)])
+        keys = [k for k, _ in cross_attention_layers(denoiser.model.diffusion_model)]
         items = [(p, s) for p in range(len(prompts)) for s in range(seeds)]
         outs_clean, outs_trig, shares = [], [], []
         for i in range(0, len(items), MAX_BATCH):
@@ -326,17 +304,19 @@ def backdoor_scan(model: Any, clip: Any, trigger: str, clean_prompts: str, seeds
             noise = torch.cat([_noise(seed + s, (1, *shape)) for _, s in chunk])
             outs_clean.append(gen([clean_p[p] for p, _ in chunk], noise).cpu())
             batch = [trig_p[p] for p, _ in chunk]
-            capture.mask = token_masks(batch, batch_conditioning(batch)[0][0].shape[1])
+            mask = token_masks(batch, batch_conditioning(batch)[0][0].shape[1]).to(denoiser.device)
+            capture = trigger_capture(mask)
             step_shares: list[Tensor] = []
 
             def reduce_maps() -> None:  # per step: mean over pixels, then over layers → [B,2]
-                step_shares.append(torch.stack([m.mean(1) for m in capture.maps]).mean(0).cpu())
-                capture.maps.clear()
+                step_shares.append(torch.stack([r.probs.mean(1) for r in capture.records]).mean(0).cpu())
+                capture.clear()
 
-            outs_trig.append(gen(batch, noise, capture, on_step=reduce_maps).cpu())
+            outs_trig.append(gen(batch, noise, capture.transformer_options(keys),
+                                 on_step=reduce_maps).cpu())
             shares.append(torch.stack(step_shares).mean(0))
         latent_format = denoiser.model.latent_format
-        del denoiser, gen, capture  # release the private UNet copy before returning
+        del denoiser, gen  # release the private UNet copy before returning
     c, h, w = shape
     clean = torch.cat(outs_clean).reshape(len(prompts), seeds, c, h, w)
     triggered = torch.cat(outs_trig).reshape(len(prompts), seeds, c, h, w)
@@ -352,19 +332,35 @@ def backdoor_scan(model: Any, clip: Any, trigger: str, clean_prompts: str, seeds
 
 def scan_report(r: bd.ScanResult, trigger: str, n_prompts: int, seeds: int, steps: int,
                 cfg: float, width: int, height: int, placement: str, total: int) -> str:
-    g = r.shift.shape[0]
+    g = r.grid
     head = (f"BACKDOOR SUSPECTED: the trigger {trigger!r} forces the same change whatever the seed"
             if r.backdoor else f"No backdoor found for the trigger {trigger!r}")
+    where = (f"in cell row {r.cell[0]}, col {r.cell[1]} of a {g}x{g} grid" if g > 1
+             else "in the whole-image mean")
+    scales = ", ".join(f"{st.grid}x{st.grid} {float(st.shift.max()):.2f}" if st.grid > 1
+                       else f"whole image {float(st.shift.max()):.2f}" for st in r.scales)
     lines = [
         head,
         f"largest consistent shift: {r.max_shift:.2f} seed standard deviations (threshold "
-        f"{r.thresholds.shift}) in cell row {r.cell[0]}, col {r.cell[1]} of a {g}x{g} grid; "
-        f"spread of the triggered outputs there {r.cell_spread:.2f}x the clean one (0 = pinned); "
-        f"whole image {r.global_shift:.2f}",
+        f"{r.thresholds.shift}) {where}; spread of the triggered outputs there "
+        f"{r.cell_spread:.2f}x the clean one (0 = pinned)",
+        f"largest shift per scale: {scales}",
+    ]
+    if r.backdoor:
+        fine = float(r.scales[0].shift.max())
+        lines.append("extent: " + (
+            f"whole-image (style-like): the image mean shifts {r.image_shift:.2f} seed std, "
+            f"more than the most shifted {r.scales[0].grid}x{r.scales[0].grid} cell ({fine:.2f})"
+            if r.kind == "whole-image" else
+            f"local (patch-like): the image mean shifts {r.image_shift:.2f} seed std, less than "
+            f"the most shifted {r.scales[0].grid}x{r.scales[0].grid} cell ({fine:.2f})"))
+    lines += [
         f"cross-attention: trigger share {r.trigger_share:.4f}, other words {r.word_share:.4f}, "
         f"per-token ratio {r.attention_ratio:.2f} (about 1 for an ordinary word)",
-        f"rule: backdoor if some cell's mean change (with minus without the trigger, same seeds) "
-        f"is >= {r.thresholds.shift} times its seed-to-seed standard deviation",
+        f"rule: backdoor if, at some scale (the latent averaged to cells of a grid, from "
+        f"{r.scales[0].grid}x{r.scales[0].grid} to the whole image), some cell's mean change "
+        f"(with minus without the trigger, same seeds) is >= {r.thresholds.shift} times its "
+        f"seed-to-seed standard deviation",
         f"({n_prompts} prompts x {seeds} seeds, trigger at the {placement}, {total} DDIM samples of "
         f"{steps} steps, cfg {cfg}, {width}x{height}, compared as x0 latents)",
     ]
@@ -409,7 +405,7 @@ def spatial_attention_unlearning(
         denoiser = DenoiserAccess(model)
         shape = _latent_shape(denoiser, width, height)
         unet = denoiser.model.diffusion_model
-        layers_info = attn2_layers(unet)
+        layers_info = cross_attention_layers(unet)
 
         # replay pool: the frozen model's own generations, clean and triggered
         with torch.no_grad():
@@ -423,27 +419,28 @@ def spatial_attention_unlearning(
             pool = torch.cat(pool).detach()
 
         # LoRA (α = rank) on the chosen cross-attention projections of the private copy
-        names = [f"{path}.attn2.{proj}" for _, path, _ in layers_info for proj in TARGETS[targets]]
+        names = [f"{path}.attn2.{proj}" for _, path in layers_info for proj in TARGETS[targets]]
         lora_layers = inject_lora(unet, names, rank, float(rank), seed=seed)
         params = lora_parameters(lora_layers)
 
-        capture = TriggerCapture([k for k, _, _ in layers_info])
+        keys = [k for k, _ in layers_info]
         groups = []
         for i in range(0, len(prompts), MAX_GROUP):
             tp, cp = trig_p[i:i + MAX_GROUP], clean_p[i:i + MAX_GROUP]
             cond = batch_conditioning(tp + cp)
             mask = token_masks(tp + cp, cond[0][0].shape[1])[..., 0]
             mask[len(tp):] = 0
-            groups.append((cond, mask, len(cp)))
+            capture = trigger_capture(mask.to(denoiser.device))
+            groups.append((cond, capture, capture.transformer_options(keys), len(cp)))
 
         def forward(x_t: Tensor, t: Tensor, g: int):
             """ε for [triggered; clean] prompts of group g, and the triggered half's maps."""
-            cond, mask, n = groups[g]
-            capture.mask, capture.maps = mask, []
+            cond, capture, opts, n = groups[g]
+            capture.clear()
             eps = denoiser.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), cond,
-                               transformer_options=capture.options())
-            maps = [m[:n] for m in capture.maps]
-            capture.maps = []
+                               transformer_options=opts)
+            maps = [r.probs[:n] for r in capture.records]
+            capture.clear()
             return eps[:n], eps[n:], maps
 
         def teacher(x_t: Tensor, t: Tensor, g: int):
@@ -459,7 +456,7 @@ def spatial_attention_unlearning(
         config = bd.SAUConfig(steps=steps, lr=learning_rate, weights=weights, seed=seed,
                               loss_scale=HALF_LOSS_SCALE if half else 1.0)
         with torch.enable_grad():
-            history = bd.unlearn(forward, teacher, params, pool, [g[2] for g in groups],
+            history = bd.unlearn(forward, teacher, params, pool, [g[-1] for g in groups],
                                  denoiser.alphas_cumprod, config, progress)
 
         lora = lora_state_dict(model, lora_factors(lora_layers))
