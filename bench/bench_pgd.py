@@ -10,28 +10,17 @@ Uses the real dlib ResNet (face-api port) from the shared fixtures and a real fa
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_pack():
-    spec = importlib.util.spec_from_file_location("immunize", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["immunize"] = mod
-    spec.loader.exec_module(mod)
+from common import fixtures, import_pack
 
 
 def _rss_mib() -> float:
@@ -50,14 +39,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    _import_pack()
+    import_pack()
     from immunize.kernels.faces import align_faces, detect_faces
     from immunize.kernels.identity import IdentityObjective
     from immunize.kernels.modules import grad_ready
     from immunize.kernels.pgd import PGDConfig, protect
     from immunize.kernels.recognizers import load_face_recognizer
 
-    fx = Path(os.environ.get("IMMUNIZE_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+    fx = fixtures()
     rec_path = fx / "models" / "faceapi" / "face_recognition_model.bin"
     photos = sorted((fx / "faces").glob("*/*.png"))
     if not rec_path.is_file() or not photos:

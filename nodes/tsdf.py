@@ -164,10 +164,12 @@ class ImmunizeDetectorPoisonObjective(io.ComfyNode):
                 "early per image once the real MTCNN fails on the 8-bit image."
             ),
             inputs=[
-                io.Combo.Input("mode", options=list(MODES), default="miss",
+                io.Combo.Input("mode", options=list(MODES), default="any",
                                tooltip="miss: drive MTCNN's face probabilities below its thresholds. "
-                                       "misplace: drive its box regressions off the face. any: whichever "
-                                       "is nearer for each candidate box."),
+                                       "misplace: pull its boxes off the face (IoU < 0.7). any: misplace "
+                                       "first, then (after 120 steps) try to hide the faces that are still "
+                                       "found — the two succeed on different photos, so 'any' protects the "
+                                       "most (give it ≥ 250 iterations)."),
                 _weight_input(),
                 _objective_input(),
             ],
@@ -213,7 +215,7 @@ class ImmunizeTwoStageProtect(io.ComfyNode):
                                        "clipping to epsilon."),
                 io.Int.Input("stage1_iterations", default=40, min=0, max=2000,
                              tooltip="PGD iterations of stage 1 (interruption)."),
-                io.Int.Input("stage2_iterations", default=120, min=0, max=2000,
+                io.Int.Input("stage2_iterations", default=250, min=0, max=2000,
                              tooltip="PGD iterations of stage 2 (poisoning); stops early once the "
                                      "detector fails on every image."),
                 io.Int.Input("refine_iterations", default=20, min=0, max=2000,

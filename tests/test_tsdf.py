@@ -137,15 +137,15 @@ def test_masked_l2_and_success_rate():
 
 
 def test_detector_poison_defeats_real_mtcnn_on_real_photos(photos, mtcnn):
-    """ε = 8/255, ≤ 150 steps, perturbation restricted to the face square grown by 1.3 (the only
+    """ε = 8/255, ≤ 250 steps ("any": misplace, then miss), perturbation restricted to the face square grown by 1.3 (the only
     part MTCNN's face candidates read; it keeps PSNR ≥ 32 dB). Success = the real MTCNN on the
     saved 8-bit image finds no box with IoU ≥ 0.7 to the face it finds on the original."""
     truth = D.detect_boxes(mtcnn, photos)
     assert all(len(t) >= 1 for t in truth)
     mask = D.face_mask([D.square(t) for t in truth], *photos.shape[-2:], grow=1.3)
-    obj = D.DetectorPoisonObjective(mode="miss")
+    obj = D.DetectorPoisonObjective(mode="any")
     start = time.time()
-    res = protect(photos, [obj], PGDConfig(eps=EPS, step=1 / 255, iterations=150), mask=mask)
+    res = protect(photos, [obj], PGDConfig(eps=EPS, step=1 / 255, iterations=250), mask=mask)
     seconds = time.time() - start
     prot = res.protected
     saved = torch.from_numpy(np.clip(255.0 * prot.numpy(), 0, 255).astype(np.uint8)).float() / 255
@@ -159,9 +159,10 @@ def test_detector_poison_defeats_real_mtcnn_on_real_photos(photos, mtcnn):
     print(f"\n[detector poison] miss-or-misplace {rate:.0%} of {len(photos)}, FDFR {D.fdfr(pred):.0%}, "
           f"P/R@0.7 {pr.precision:.2f}/{pr.recall:.2f}, PSNR min {q.min():.2f} mean {q.mean():.2f} dB, "
           f"{res.steps_run} steps, {seconds:.0f} s")
-    # measured: 6 of 10 (the misses include both Angelina Jolie photos: large, high-contrast faces
-    # resist at 8/255; 12/255 defeats them within 60 steps). The unprotected baseline is 0 of 10.
-    assert rate >= 0.5, rate
+    # measured: 8 of 10 (miss alone 6, misplace alone 7; the two left are large, high-contrast
+    # faces that resist at 8/255). All 48 fixture photos: bench/bench_detector_poison.py.
+    # The unprotected baseline is 0 of 10.
+    assert rate >= 0.7, rate
     assert q.min() >= 32.0
     noisy = _random_sign(photos, EPS, 2)  # ±ε noise of the same budget does nothing
     assert D.miss_or_misplace_rate(D.detect_boxes(mtcnn, noisy), truth) == 0.0
