@@ -147,6 +147,12 @@ class DiffusionEdit:
     :class:`~kernels.denoising.Denoiser`; cond: passed to it (the edit prompt);
     strength: share of the noise schedule to re-noise (0.3–0.6 is a typical edit);
     steps: DDIM steps back to t = 0. Images are reflect-padded to ``multiple`` and cropped back.
+    inpaint_mask: ``[B or 1,1,H,W]`` in [0,1], 1 where the forger repaints (an inpainting edit,
+    e.g. the face), or None (img2img everywhere). Inpainting blends the latent after every step
+    with the input's own latent noised to the same level, as latent-mask samplers do
+    (m = the mask area-resized to the latent grid):
+
+        z_{t_{k+1}} ← m · z_{t_{k+1}} + (1 − m) · (√ā_{t_{k+1}} z₀ + √(1 − ā_{t_{k+1}}) n),   z₀ kept at t = 0
 
     Example:
         >>> edit = DiffusionEdit(vae_enc, vae_dec, unet, text, strength=0.5, steps=2)
@@ -160,9 +166,22 @@ class DiffusionEdit:
     strength: float = 0.5
     steps: int = 2
     multiple: int = 8
+    inpaint_mask: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         self.schedule = ddim_timesteps(self.strength, self.steps, len(self.denoiser.alphas_cumprod))
+        if self.inpaint_mask is not None and (self.inpaint_mask.dim() != 4 or self.inpaint_mask.shape[1] != 1):
+            raise ValueError(f"the inpaint mask must be [B or 1,1,H,W], got {tuple(self.inpaint_mask.shape)}")
+
+    def _latent_mask(self, images: Tensor, z0: Tensor) -> Optional[Tensor]:
+        if self.inpaint_mask is None:
+            return None
+        m = self.inpaint_mask.to(z0.device, torch.float32)
+        if tuple(m.shape[-2:]) != tuple(images.shape[-2:]) or m.shape[0] not in (1, images.shape[0]):
+            raise ValueError(f"the inpaint mask {tuple(m.shape)} does not fit the images {tuple(images.shape)}: "
+                             "use one mask, or one per image, of the images' own size")
+        m = pad_to_multiple(m, self.multiple)
+        return torch.nn.functional.interpolate(m, size=z0.shape[-2:], mode="area").clamp(0, 1)
 
     def __call__(self, images: Tensor, seed: int) -> Tensor:
         h, w = images.shape[-2:]
@@ -173,6 +192,7 @@ class DiffusionEdit:
         batch = z0.shape[0]
         t0 = torch.full((batch,), self.schedule[0], dtype=torch.long, device=z0.device)
         z = add_noise(z0, noise, t0, acp)
+        m = self._latent_mask(images, z0)
         for k, t in enumerate(self.schedule):
             a_t = acp[t]
             eps = self.denoiser.eps(z, torch.full((batch,), t, dtype=torch.long, device=z.device),
@@ -180,6 +200,8 @@ class DiffusionEdit:
             x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
             a_prev = acp[self.schedule[k + 1]] if k + 1 < len(self.schedule) else acp.new_tensor(1.0)
             z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            if m is not None:  # outside the mask: the input itself, noised to the next level
+                z = m * z + (1 - m) * (a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * noise)
         return self.decode(z).float()[..., :h, :w]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from comfy_api.latest import io
@@ -57,15 +57,18 @@ def _weight_input():
     )
 
 
-def diffusion_edit(model: Any, vae: Any, conditioning: Any, strength: float, steps: int) -> DiffusionEdit:
+def diffusion_edit(model: Any, vae: Any, conditioning: Any, strength: float, steps: int,
+                   inpaint_mask: Optional[torch.Tensor] = None) -> DiffusionEdit:
     """TSDF's forgery G (img2img by η = 0 DDIM, :class:`~kernels.tsdf.DiffusionEdit`) on private
-    copies of a ComfyUI MODEL (its LoRA patches applied) and VAE. Call outside inference mode."""
+    copies of a ComfyUI MODEL (its LoRA patches applied) and VAE; with ``inpaint_mask``
+    (``[B or 1,1,H,W]``) an inpainting edit of that region. Call outside inference mode."""
     vae_access = VAEAccess(vae)
     den = DenoiserAccess(model)
     return DiffusionEdit(
         encode=latent_encoder(vae_access, den),
         decode=lambda z: vae_access.decode(den.model.process_latent_out(z)),
         denoiser=den, cond=conditioning, strength=float(strength), steps=int(steps), multiple=vae_access.multiple,
+        inpaint_mask=inpaint_mask,
     )
 
 
@@ -84,7 +87,7 @@ class ComfyInterruptionObjective:
 
     def __init__(self, model: Any, vae: Any, conditioning: Any, strength: float, steps: int,
                  weight: float = 1.0, region: str = "face", seeds: int = 2, seed: int = 0,
-                 name: str = "interruption"):
+                 name: str = "interruption", inpaint_mask: Optional[torch.Tensor] = None):
         check_supported_model(model)
         if not conditioning:
             raise ValueError("the Interruption objective needs a CONDITIONING: connect the edit prompt's "
@@ -97,10 +100,16 @@ class ComfyInterruptionObjective:
         self.model, self.vae, self.conditioning = model, vae, conditioning
         self.strength, self.steps, self.region = float(strength), int(steps), region
         self.seeds, self.seed, self.weight, self.name = int(seeds), int(seed), float(weight), name
+        self.inpaint_mask = None if inpaint_mask is None else inpaint_mask.detach().clone()  # ComfyUI MASK
 
-    def build(self) -> InterruptionObjective:
+    def build(self, clean: Optional[torch.Tensor] = None) -> InterruptionObjective:
+        """The kernel objective; ``clean`` ``[B,3,H,W]`` fits the inpaint mask to the batch (without
+        it, or without a mask, the edit is img2img)."""
         with torch.inference_mode(False):
-            edit = diffusion_edit(self.model, self.vae, self.conditioning, self.strength, self.steps)
+            inpaint = None
+            if self.inpaint_mask is not None and clean is not None:
+                inpaint = mask_to_b1hw(self.inpaint_mask, clean, "inpaint_mask").to(clean.device)
+            edit = diffusion_edit(self.model, self.vae, self.conditioning, self.strength, self.steps, inpaint)
             mask = None
             if self.region == "face":
                 mask = lambda clean: face_mask(detect_boxes(_mtcnn(), clean), *clean.shape[-2:]).to(clean.device)
@@ -108,7 +117,7 @@ class ComfyInterruptionObjective:
                                          weight=self.weight, name=self.name)
 
     def bind(self, clean: torch.Tensor):
-        return self.build().bind(clean.clone())
+        return self.build(clean).bind(clean.clone())
 
 
 class ImmunizeInterruptionObjective(io.ComfyNode):
@@ -120,8 +129,9 @@ class ImmunizeInterruptionObjective(io.ComfyNode):
             category=TSDF_CATEGORY,
             description=(
                 "TSDF's interruption: maximises how much a diffusion edit (img2img with this MODEL and "
-                "the edit prompt, a few differentiable DDIM steps) of the protected photo differs from "
-                "the same edit of the original, inside the face (L2_mask). SD1.x/2.x and SDXL models."
+                "the edit prompt, a few differentiable DDIM steps; inpainting when an inpaint mask is "
+                "connected) of the protected photo differs from the same edit of the original, inside the "
+                "face (L2_mask). SD1.x/2.x and SDXL models. Chain several to cover several edits."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model a forger would edit with (SD1.x/2.x "
@@ -140,13 +150,19 @@ class ImmunizeInterruptionObjective(io.ComfyNode):
                                        "(the whole image where none is found); image: everywhere."),
                 _weight_input(),
                 _objective_input(),
+                io.Mask.Input("inpaint_mask", optional=True,
+                              tooltip="Optional: simulate an inpainting edit instead of img2img — only where "
+                                      "this mask is > 0 is repainted (e.g. the face, for a face swap); "
+                                      "elsewhere the photo's own latent is kept. Same size as the image."),
             ],
             outputs=[ObjectiveType.Output(display_name="objective")],
         )
 
     @classmethod
-    def execute(cls, model, vae, edit_prompt, strength, steps, region, weight, objective=None) -> io.NodeOutput:
-        new = ComfyInterruptionObjective(model, vae, edit_prompt, strength, steps, weight=weight, region=region)
+    def execute(cls, model, vae, edit_prompt, strength, steps, region, weight, objective=None,
+                inpaint_mask=None) -> io.NodeOutput:
+        new = ComfyInterruptionObjective(model, vae, edit_prompt, strength, steps, weight=weight, region=region,
+                                         inpaint_mask=inpaint_mask)
         return io.NodeOutput(_chain(objective, new))
 
 
