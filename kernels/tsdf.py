@@ -205,6 +205,51 @@ class DiffusionEdit:
         return self.decode(z).float()[..., :h, :w]
 
 
+@dataclass
+class ImagePromptGeneration:
+    """IP-Adapter face generation as a forgery, differentiable in the reference photo.
+
+    The forger feeds the photo to an IP-Adapter as an image prompt and generates from pure noise
+    with a few deterministic DDIM steps (strength 1): G(x; s) = D(DDIM_{T→0}(z_T = n_s | c_text,
+    c_img = P(CLIP(x)))). The photo enters only through its image tokens c_img, so the whole
+    output changes with it; there is no spatial correspondence to the photo, so D_M is taken
+    over the whole generated image.
+
+    image_tokens: images ``[B,3,H,W]`` in [0,1] → c_img ``[B,N,D]`` (differentiable; CLIP's
+    resize and normalisation included); denoiser: ``eps(z_t, t [B], tokens) → ε̂`` with an
+    ``alphas_cumprod``; decode: latent → images in [0,1]; latent_shape: (channels, downscale)
+    of the latent space (e.g. (4, 8) for SD); size: the generated image's (H, W) in pixels
+    (default: the photo's, rounded down to a multiple of downscale); steps: DDIM steps.
+    """
+
+    image_tokens: Callable[[Tensor], Tensor]
+    denoiser: Any
+    decode: Callable[[Tensor], Tensor]
+    latent_shape: tuple = (4, 8)
+    size: Optional[tuple] = None
+    steps: int = 2
+
+    def __post_init__(self) -> None:
+        self.schedule = ddim_timesteps(1.0, self.steps, len(self.denoiser.alphas_cumprod))
+
+    def __call__(self, images: Tensor, seed: int) -> Tensor:
+        channels, down = (int(v) for v in self.latent_shape)
+        h, w = self.size or images.shape[-2:]
+        lh, lw = max(1, int(h) // down), max(1, int(w) // down)
+        tokens = self.image_tokens(images).float()
+        b = images.shape[0]
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        z = torch.randn((b, channels, lh, lw), generator=gen).to(images.device)
+        acp = self.denoiser.alphas_cumprod.to(images.device, torch.float32)
+        for k, t in enumerate(self.schedule):
+            a_t = acp[t]
+            eps = self.denoiser.eps(z, torch.full((b,), t, dtype=torch.long, device=z.device), tokens).to(z)
+            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            a_prev = acp[self.schedule[k + 1]] if k + 1 < len(self.schedule) else acp.new_tensor(1.0)
+            z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return self.decode(z).float()
+
+
 # --------------------------------------------------------------------------- interruption
 
 

@@ -16,14 +16,17 @@ import folder_paths
 
 from ..kernels.detector import MODES, DetectorPoisonObjective, MTCNNDetector, detect_boxes, face_mask
 from ..kernels.report import ProtectionReport
+from ..kernels.modules import grad_ready
 from ..kernels.tsdf import (
-    DiffusionEdit, InterruptionObjective, TwoStageConfig, crop_faces, ddim_timesteps, format_persistence,
-    format_scores, persistence_score_rows, persistence_scores, random_sign_noise, tsdf_score_row, tsdf_scores,
-    two_stage_protect,
+    DiffusionEdit, ImagePromptGeneration, InterruptionObjective, TwoStageConfig, crop_faces, ddim_timesteps,
+    format_persistence, format_scores, persistence_score_rows, persistence_scores, random_sign_noise,
+    tsdf_score_row, tsdf_scores, two_stage_protect,
 )
 from .common import (CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
                      mask_to_b1hw, protect_outputs)
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
+from .ipadapter import (IPAdapterDenoiser, IPAdapterType, check_clip_vision_fits, check_ipadapter_fits,
+                        clip_features_encoder)
 from .scores import ScoresType, _append, _label
 
 TSDF_CATEGORY = f"{CATEGORY}/tsdf"
@@ -120,6 +123,47 @@ class ComfyInterruptionObjective:
         return self.build(clean).bind(clean.clone())
 
 
+class ComfyIPInterruptionObjective:
+    """PGD objective: :class:`~kernels.tsdf.InterruptionObjective` over an IP-Adapter generation
+    (:class:`~kernels.tsdf.ImagePromptGeneration`) on a ComfyUI MODEL, VAE, CLIP_VISION and an
+    IMMUNIZE_IPADAPTER. Validates in ``__init__``; private copies are made in ``bind``."""
+
+    def __init__(self, model: Any, vae: Any, clip_vision: Any, ipadapter: Any, conditioning: Any, ip_scale: float,
+                 steps: int, weight: float = 1.0, seeds: int = 2, seed: int = 0, name: str = "interruption_ip"):
+        check_supported_model(model)
+        check_ipadapter_fits(ipadapter, model)
+        check_clip_vision_fits(clip_vision, ipadapter)
+        if not conditioning:
+            raise ValueError("the IP-Adapter interruption needs a CONDITIONING: connect the forger's text prompt "
+                             "(e.g. 'a photo of a person') to 'prompt'")
+        if getattr(vae, "first_stage_model", None) is None:
+            raise ValueError("this VAE has no weights (first_stage_model is None)")
+        ddim_timesteps(1.0, steps)
+        self.model, self.vae, self.clip_vision, self.ipadapter = model, vae, clip_vision, ipadapter
+        self.conditioning, self.ip_scale, self.steps = conditioning, float(ip_scale), int(steps)
+        self.seeds, self.seed, self.weight, self.name = int(seeds), int(seed), float(weight), name
+
+    def build(self) -> InterruptionObjective:
+        with torch.inference_mode(False):
+            layers = check_ipadapter_fits(self.ipadapter, self.model)
+            vae = VAEAccess(self.vae)
+            access = DenoiserAccess(self.model)
+            ip = grad_ready(self.ipadapter, torch.float32).to(access.device)
+            clip = grad_ready(clip_features_encoder(self.clip_vision, ip.config.features)).to(access.device)
+            channels = int(getattr(self.model.model.latent_format, "latent_channels", 4))
+            generate = ImagePromptGeneration(
+                image_tokens=lambda x: ip.tokens(clip(x.to(access.device))),
+                denoiser=IPAdapterDenoiser(access, self.conditioning, ip, layers, self.ip_scale),
+                decode=lambda z: vae.decode(access.model.process_latent_out(z)),
+                latent_shape=(channels, vae.multiple), steps=self.steps,
+            )
+            return InterruptionObjective([generate], mask=None, seeds=self.seeds, seed=self.seed,
+                                         weight=self.weight, name=self.name)
+
+    def bind(self, clean: torch.Tensor):
+        return self.build().bind(clean.clone())
+
+
 class ImmunizeInterruptionObjective(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -163,6 +207,46 @@ class ImmunizeInterruptionObjective(io.ComfyNode):
                 inpaint_mask=None) -> io.NodeOutput:
         new = ComfyInterruptionObjective(model, vae, edit_prompt, strength, steps, weight=weight, region=region,
                                          inpaint_mask=inpaint_mask)
+        return io.NodeOutput(_chain(objective, new))
+
+
+class ImmunizeIPInterruptionObjective(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ImmunizeIPInterruptionObjective",
+            display_name="Interruption Objective (TSDF, IP-Adapter)",
+            category=TSDF_CATEGORY,
+            description=(
+                "TSDF's interruption against IP-Adapter face generation: the forger uses the photo as an image "
+                "prompt and generates from noise (a few differentiable DDIM steps). Maximises how much the "
+                "generation from the protected photo differs from the one from the original (L2 over the whole "
+                "generated image, same noise). Chain it with other Interruption Objectives for an ensemble."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the IP-Adapter belongs to (SD1.x or SDXL); "
+                               "it is copied, never modified."),
+                io.Vae.Input("vae", tooltip="The VAE of that model (decodes the generation)."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the IP-Adapter was trained with."),
+                IPAdapterType.Input("ipadapter", tooltip="From Immunize Load IP-Adapter; must match the model family."),
+                io.Conditioning.Input("prompt", tooltip="The forger's text conditioning, e.g. 'a photo of a person "
+                                      "at the beach'."),
+                io.Float.Input("ip_scale", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="IP-Adapter strength λ the forger would use (1.0 is usual)."),
+                io.Int.Input("steps", default=2, min=1, max=8,
+                             tooltip="DDIM steps of the simulated generation from noise; the gradient goes "
+                                     "through all of them (1–2 keep the protection affordable)."),
+                _weight_input(),
+                _objective_input(),
+            ],
+            outputs=[ObjectiveType.Output(display_name="objective")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, clip_vision, ipadapter, prompt, ip_scale, steps, weight,
+                objective=None) -> io.NodeOutput:
+        new = ComfyIPInterruptionObjective(model, vae, clip_vision, ipadapter, prompt, ip_scale, steps,
+                                           weight=weight)
         return io.NodeOutput(_chain(objective, new))
 
 
@@ -461,5 +545,12 @@ class ImmunizeTSDFPersistence(io.ComfyNode):
         return io.NodeOutput(_append(scores, rows[0]).merge(*rows[1:]), summary, ui={"text": [summary]})
 
 
-NODES = [ImmunizeInterruptionObjective, ImmunizeDetectorPoisonObjective, ImmunizeTwoStageProtect, ImmunizeScoreTSDF,
-         ImmunizeDetectorCrop, ImmunizeTSDFPersistence]
+NODES = [
+    ImmunizeInterruptionObjective,
+    ImmunizeIPInterruptionObjective,
+    ImmunizeDetectorPoisonObjective,
+    ImmunizeTwoStageProtect,
+    ImmunizeScoreTSDF,
+    ImmunizeDetectorCrop,
+    ImmunizeTSDFPersistence,
+]
