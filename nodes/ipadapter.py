@@ -331,6 +331,18 @@ def apply_ipadapter(model: Any, ipadapter: IPAdapter, clip_vision: Any, image: T
 # --------------------------------------------------------------------------- objective
 
 
+def private_ip_parts(model: Any, vae: Any, clip_vision: Any, ipadapter: IPAdapter, conditioning: Any,
+                     scale: float) -> tuple:
+    """Grad-usable private copies for an objective through an IP-Adapter (call outside inference
+    mode): (VAEAccess, DenoiserAccess, IP-Adapter copy, CLIP encoder copy, IPAdapterDenoiser)."""
+    layers = check_ipadapter_fits(ipadapter, model)
+    vae_access = VAEAccess(vae)
+    access = DenoiserAccess(model)
+    ip = grad_ready(ipadapter, torch.float32).to(access.device)
+    clip = grad_ready(clip_features_encoder(clip_vision, ip.config.features)).to(access.device)
+    return vae_access, access, ip, clip, IPAdapterDenoiser(access, conditioning, ip, layers, scale)
+
+
 class ComfyIdentityBridgeObjective:
     """PGD objective: :class:`~kernels.bridge.IdentityBridge` on ComfyUI's MODEL, VAE, CLIP_VISION
     and an IMMUNIZE_IPADAPTER. Validates in ``__init__``; private copies are made in ``bind``."""
@@ -362,12 +374,8 @@ class ComfyIdentityBridgeObjective:
         from ..kernels.bridge import IdentityBridge
 
         with torch.inference_mode(False):
-            layers = check_ipadapter_fits(self.ipadapter, self.model)
-            vae = VAEAccess(self.vae)
-            access = DenoiserAccess(self.model)
-            ip = grad_ready(self.ipadapter, torch.float32).to(access.device)
-            clip = grad_ready(clip_features_encoder(self.clip_vision, ip.config.features)).to(access.device)
-            denoiser = IPAdapterDenoiser(access, self.conditioning, ip, layers, self.ip_scale)
+            vae, access, ip, clip, denoiser = private_ip_parts(self.model, self.vae, self.clip_vision, self.ipadapter,
+                                                               self.conditioning, self.ip_scale)
             rgb = getattr(getattr(self.model.model, "latent_format", None), "latent_rgb_factors", None)
             return IdentityBridge(
                 encoder=latent_encoder(vae, access), image_tokens=lambda x: ip.tokens(clip(x.to(access.device))),

@@ -16,7 +16,6 @@ import folder_paths
 
 from ..kernels.detector import MODES, DetectorPoisonObjective, MTCNNDetector, detect_boxes, face_mask
 from ..kernels.report import ProtectionReport
-from ..kernels.modules import grad_ready
 from ..kernels.tsdf import (
     DiffusionEdit, ImagePromptGeneration, InterruptionObjective, TwoStageConfig, crop_faces, ddim_timesteps,
     format_persistence, format_scores, persistence_score_rows, persistence_scores, random_sign_noise,
@@ -25,8 +24,7 @@ from ..kernels.tsdf import (
 from .common import (CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
                      mask_to_b1hw, protect_outputs)
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
-from .ipadapter import (IPAdapterDenoiser, IPAdapterType, check_clip_vision_fits, check_ipadapter_fits,
-                        clip_features_encoder)
+from .ipadapter import IPAdapterType, check_clip_vision_fits, check_ipadapter_fits, private_ip_parts
 from .scores import ScoresType, _append, _label
 
 TSDF_CATEGORY = f"{CATEGORY}/tsdf"
@@ -145,15 +143,12 @@ class ComfyIPInterruptionObjective:
 
     def build(self) -> InterruptionObjective:
         with torch.inference_mode(False):
-            layers = check_ipadapter_fits(self.ipadapter, self.model)
-            vae = VAEAccess(self.vae)
-            access = DenoiserAccess(self.model)
-            ip = grad_ready(self.ipadapter, torch.float32).to(access.device)
-            clip = grad_ready(clip_features_encoder(self.clip_vision, ip.config.features)).to(access.device)
+            vae, access, ip, clip, denoiser = private_ip_parts(self.model, self.vae, self.clip_vision, self.ipadapter,
+                                                               self.conditioning, self.ip_scale)
             channels = int(getattr(self.model.model.latent_format, "latent_channels", 4))
             generate = ImagePromptGeneration(
                 image_tokens=lambda x: ip.tokens(clip(x.to(access.device))),
-                denoiser=IPAdapterDenoiser(access, self.conditioning, ip, layers, self.ip_scale),
+                denoiser=denoiser,
                 decode=lambda z: vae.decode(access.model.process_latent_out(z)),
                 latent_shape=(channels, vae.multiple), steps=self.steps,
             )
