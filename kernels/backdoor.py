@@ -98,7 +98,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .denoising import add_noise
+from .denoising import add_noise, ddim
 from .lora import LoRALayer
 
 # --------------------------------------------------------------------------- attention
@@ -138,11 +138,6 @@ def ddim_timesteps(steps: int, num_train: int = 1000) -> list[int]:
     return [int(round(num_train - 1 - i * num_train / steps)) for i in range(steps)]
 
 
-def predict_x0(x_t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
-    """x̂₀ = (x_t − √(1−ᾱ)·ε̂)/√ᾱ; alpha_bar a scalar tensor or broadcastable to x_t."""
-    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-
-
 def ddim_sample(eps_fn: Callable[[Tensor, Tensor, int], Tensor], x_T: Tensor,
                 alphas_cumprod: Tensor, steps: int,
                 callback: Optional[Callable[[int, int], None]] = None) -> Tensor:
@@ -152,18 +147,13 @@ def ddim_sample(eps_fn: Callable[[Tensor, Tensor, int], Tensor], x_T: Tensor,
     ``callback(step, total)`` runs after every step (progress, interruption).
     """
     ts = ddim_timesteps(steps, len(alphas_cumprod))
-    ac = alphas_cumprod.to(x_T.device, torch.float32)
-    x = x_T.float()
-    x0 = x
-    for i, t in enumerate(ts):
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        eps = eps_fn(x, tt, i).float()
-        x0 = predict_x0(x, eps, ac[t])
-        a_next = ac[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=x.device)
-        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+    def progress(i: int, x: Tensor, a_next: Tensor) -> Tensor:
         if callback is not None:
             callback(i + 1, len(ts))
-    return x0
+        return x
+
+    return ddim(x_T.float(), ts, eps_fn, alphas_cumprod.to(x_T.device, torch.float32), progress)
 
 
 # --------------------------------------------------------------------------- scan

@@ -23,7 +23,7 @@ Protocols (kept tiny so any model can be plugged in):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -46,6 +46,29 @@ def add_noise(z0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> T
     a = alphas_cumprod.to(z0.device, torch.float32)[t.to(z0.device)]
     a = a.view(-1, *([1] * (z0.dim() - 1)))
     return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+
+def ddim(z: Tensor, timesteps: Sequence[int], eps_fn: Callable[[Tensor, Tensor, int], Tensor],
+         alphas_cumprod: Tensor, after_step: Optional[Callable[[int, Tensor, Tensor], Tensor]] = None) -> Tensor:
+    """Deterministic DDIM (η = 0) from z at ``timesteps[0]`` through ``timesteps`` (highest first),
+    the last step straight to ᾱ = 1; returns z at t = 0 (= the last x̂₀):
+
+        x̂₀ = (z − √(1−ᾱ_t)·ε̂) / √ᾱ_t,   z ← √ᾱ_next·x̂₀ + √(1−ᾱ_next)·ε̂
+
+    ``eps_fn(z_t, t [B] long, i) → ε̂``; ``after_step(i, z, ᾱ_next) → z`` may change z after
+    step i (an inpainting blend) or report progress. ``alphas_cumprod`` ``[T]`` (its dtype is
+    the precision of the ᾱ arithmetic). Differentiable in z and through ``eps_fn``.
+    """
+    ac = alphas_cumprod if alphas_cumprod.device.type == "cpu" else alphas_cumprod.to(z.device)
+    for i, t in enumerate(timesteps):
+        a_t = ac[t]
+        eps = eps_fn(z, torch.full((z.shape[0],), int(t), dtype=torch.long, device=z.device), i).to(z)
+        x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        a_next = ac[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones((), dtype=ac.dtype, device=ac.device)
+        z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        if after_step is not None:
+            z = after_step(i, z, a_next)
+    return z
 
 
 def draw_t_noise(shape: tuple[int, ...], t_min: int, t_max: int, seed: int,

@@ -99,7 +99,8 @@ class DetectorSurrogate(Protocol):
     differentiable in x; ``active`` (``[B]`` bool) may restrict the work to some images;
     ``observe(images [N,3,H,W] on the 8-bit grid, idx)`` → N ``[F,4]`` boxes from the *real*
     detector for the batch's images ``idx`` (default: all; no gradient); a surrogate may learn
-    from it (MTCNN's tracks the candidates it cut).
+    from it (MTCNN's tracks the candidates it cut). Optional ``set_mode(b, "miss" | "misplace")``
+    lets mode "any" switch image b; a surrogate without it keeps its first mode.
     """
 
     def __call__(self, x: Tensor, active: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:

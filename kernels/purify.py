@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .denoising import ddim
 from .encoder import pad_to_multiple
 
 Codec = Callable[[Tensor], Tensor]
@@ -342,13 +343,7 @@ def sdedit(
         noise = torch.randn(z.shape, generator=gen, dtype=torch.float32).to(z)
         a = float(ac[ks[0]])
         z = math.sqrt(a) * z + math.sqrt(1 - a) * noise
-        for i, k in enumerate(ks):
-            a_t = float(ac[k])
-            a_next = float(ac[ks[i + 1]]) if i + 1 < n else 1.0
-            t = torch.full((z.shape[0],), k, dtype=torch.long, device=z.device)
-            eps = eps_fn(z, t).to(z)
-            z0_hat = (z - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-            z = math.sqrt(a_next) * z0_hat + math.sqrt(1 - a_next) * eps
+        z = ddim(z, ks, lambda z, t, i: eps_fn(z, t), ac)
     return decode(z)[..., :h, :w].clamp(0, 1).to(x.dtype)
 
 

@@ -78,7 +78,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .denoising import Denoiser, add_noise
+from .denoising import Denoiser, add_noise, ddim
 from .encoder import pad_to_multiple
 from .pgd import (
     BoundObjective, Objective, ObjectiveOutput, PGDConfig, PGDResult, StepCallback, StepRecord,
@@ -193,15 +193,10 @@ class DiffusionEdit:
         t0 = torch.full((batch,), self.schedule[0], dtype=torch.long, device=z0.device)
         z = add_noise(z0, noise, t0, acp)
         m = self._latent_mask(images, z0)
-        for k, t in enumerate(self.schedule):
-            a_t = acp[t]
-            eps = self.denoiser.eps(z, torch.full((batch,), t, dtype=torch.long, device=z.device),
-                                    self.cond).to(z)
-            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            a_prev = acp[self.schedule[k + 1]] if k + 1 < len(self.schedule) else acp.new_tensor(1.0)
-            z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-            if m is not None:  # outside the mask: the input itself, noised to the next level
-                z = m * z + (1 - m) * (a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * noise)
+        blend = None
+        if m is not None:  # outside the mask: the input itself, noised to the next level
+            blend = lambda i, z, a: m * z + (1 - m) * (a.sqrt() * z0 + (1 - a).sqrt() * noise)  # noqa: E731
+        z = ddim(z, self.schedule, lambda z, t, i: self.denoiser.eps(z, t, self.cond), acp, blend)
         return self.decode(z).float()[..., :h, :w]
 
 
@@ -241,12 +236,7 @@ class ImagePromptGeneration:
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         z = torch.randn((b, channels, lh, lw), generator=gen).to(images.device)
         acp = self.denoiser.alphas_cumprod.to(images.device, torch.float32)
-        for k, t in enumerate(self.schedule):
-            a_t = acp[t]
-            eps = self.denoiser.eps(z, torch.full((b,), t, dtype=torch.long, device=z.device), tokens).to(z)
-            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            a_prev = acp[self.schedule[k + 1]] if k + 1 < len(self.schedule) else acp.new_tensor(1.0)
-            z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        z = ddim(z, self.schedule, lambda z, t, i: self.denoiser.eps(z, t, tokens), acp)
         return self.decode(z).float()
 
 
@@ -317,9 +307,34 @@ def forgery_distortion(pipelines: Sequence[ForgeryPipeline], clean: Tensor, prot
                        mask: Optional[Tensor] = None, seeds: Sequence[int] = (1000, 1001)) -> Tensor:
     """D_M ``[B]`` between the forgeries of ``protected`` and of ``clean``, averaged over the
     pipelines and over evaluation ``seeds`` (fresh ones, not those PGD used). No gradient."""
+    return forgery_distortions(pipelines, clean, [protected], mask, seeds)[0]
+
+
+def forgery_distortions(pipelines: Sequence[ForgeryPipeline], clean: Tensor, variants: Sequence[Tensor],
+                        mask: Optional[Tensor] = None, seeds: Sequence[int] = (1000, 1001)) -> list[Tensor]:
+    """:func:`forgery_distortion` for several altered versions of ``clean`` at once (e.g. the
+    protected photo and a noise control): the clean forgery of each pipeline and seed is made
+    once. → one ``[B]`` per variant."""
+    vals: list[list[Tensor]] = [[] for _ in variants]
     with torch.no_grad():
-        vals = [masked_l2(p(protected, s), p(clean, s), mask) for p in pipelines for s in seeds]
-    return torch.stack(vals).mean(0)
+        for p in pipelines:
+            for s in seeds:
+                ref = p(clean, s)
+                for k, v in enumerate(variants):
+                    vals[k].append(masked_l2(p(v, s), ref, mask))
+    return [torch.stack(v).mean(0) for v in vals]
+
+
+class Deferred:
+    """A forgery pipeline built on first use (``build()`` → pipeline), so that a function taking
+    several heavy pipelines (:func:`persistence_scores`) holds one model copy at a time."""
+
+    def __init__(self, build: Callable[[], ForgeryPipeline]):
+        self.build = build
+
+
+def _built(pipeline: "ForgeryPipeline | Deferred | None") -> Optional[ForgeryPipeline]:
+    return pipeline.build() if isinstance(pipeline, Deferred) else pipeline
 
 
 def center_crop_to(mask: Tensor, height: int, width: int) -> Tensor:
@@ -471,7 +486,8 @@ def persistence_scores(clean: Tensor, protected: Tensor, baseline: Tensor, befor
     """Does the interruption persist once the attacker fine-tunes on the photos their detector kept?
 
     clean, protected, baseline: ``[B,3,H,W]`` in [0,1] (baseline: the unprotected control of the
-    same budget, e.g. :func:`random_sign_noise`); before: the forgery G_θ₀ with the attacker's
+    same budget, e.g. :func:`random_sign_noise`); every pipeline may be a :class:`Deferred`
+    (built when needed and dropped after use); before: the forgery G_θ₀ with the attacker's
     base model; after: G_θ₁ with θ₁ = DreamBooth-LoRA(θ₀) fine-tuned on the ``kept`` crops the
     detector found in the protected photos (None when ``kept`` is 0: nothing to train on);
     after_baseline: the forgery with a model fine-tuned on the *baseline's* crops (default: θ₁);
@@ -503,8 +519,7 @@ def persistence_scores(clean: Tensor, protected: Tensor, baseline: Tensor, befor
         "images": n, "seeds": seeds, "success_threshold": threshold, "baseline": baseline_name,
         "attacker": {"photos": n, "kept": int(kept), "dropped": n - int(kept), "trained": trained},
     }
-    b_prot = forgery_distortion([before], clean, protected, mask, seeds)
-    b_base = forgery_distortion([before], clean, baseline, mask, seeds)
+    b_prot, b_base = forgery_distortions([_built(before)], clean, [protected, baseline], mask, seeds)
     out["before"] = {"protected": _distortion_block(b_prot, threshold), "baseline": _distortion_block(b_base, threshold)}
     out["advantage_before"] = float(b_prot.mean() / b_base.mean().clamp_min(1e-12))
     if not trained:
@@ -513,8 +528,11 @@ def persistence_scores(clean: Tensor, protected: Tensor, baseline: Tensor, befor
         out["reason"] = (f"attacker has no training data: the detector dropped all {n} protected photo(s), "
                          "so no fine-tuned model exists; the forgery left to the attacker is the base model's")
         return out
-    a_prot = forgery_distortion([after], clean, protected, mask, seeds)
-    a_base = forgery_distortion([after_baseline or after], clean, baseline, mask, seeds)
+    if after_baseline is None:
+        a_prot, a_base = forgery_distortions([_built(after)], clean, [protected, baseline], mask, seeds)
+    else:
+        a_prot = forgery_distortion([_built(after)], clean, protected, mask, seeds)
+        a_base = forgery_distortion([_built(after_baseline)], clean, baseline, mask, seeds)
     out["after"] = {"protected": _distortion_block(a_prot, threshold), "baseline": _distortion_block(a_base, threshold)}
     out["persistence"] = float(a_prot.mean() / b_prot.mean().clamp_min(1e-12))
     out["advantage_after"] = float(a_prot.mean() / a_base.mean().clamp_min(1e-12))
@@ -788,6 +806,6 @@ class _weighted:
 __all__ = [
     "SUCCESS_THRESHOLD", "DiffusionEdit", "ForgeryPipeline", "InterruptionObjective", "TwoStageConfig",
     "TwoStageResult", "center_crop_to", "crop_faces", "crop_square", "ddim_timesteps", "distortion_success_rate",
-    "forgery_distortion", "format_persistence", "format_scores", "largest_box", "masked_l2", "persistence_score_rows",
+    "Deferred", "forgery_distortion", "forgery_distortions", "format_persistence", "format_scores", "largest_box", "masked_l2", "persistence_score_rows",
     "persistence_scores", "random_sign_noise", "tsdf_score_row", "tsdf_scores", "two_stage_protect",
 ]

@@ -17,7 +17,7 @@ import folder_paths
 from ..kernels.detector import MODES, DetectorPoisonObjective, MTCNNDetector, detect_boxes, face_mask
 from ..kernels.report import ProtectionReport
 from ..kernels.tsdf import (
-    DiffusionEdit, ImagePromptGeneration, InterruptionObjective, TwoStageConfig, crop_faces, ddim_timesteps,
+    Deferred, DiffusionEdit, ImagePromptGeneration, InterruptionObjective, TwoStageConfig, crop_faces, ddim_timesteps,
     format_persistence, format_scores, persistence_score_rows, persistence_scores, random_sign_noise,
     tsdf_score_row, tsdf_scores, two_stage_protect,
 )
@@ -527,10 +527,12 @@ class ImmunizeTSDFPersistence(io.ComfyNode):
             x, p = x.clone(), p.clone()
             baseline = random_sign_noise(x, epsilon / 255.0, int(seed))
             mask = face_mask(detect_boxes(_mtcnn(), x), *x.shape[-2:]) if region == "face" else None
-            before = diffusion_edit(model, vae, edit_prompt, strength, steps)
-            after = diffusion_edit(finetuned_model, vae, edit_prompt, strength, steps) if kept else None
-            after_b = (diffusion_edit(baseline_finetuned_model, vae, edit_prompt, strength, steps)
-                       if kept and baseline_finetuned_model is not None else None)
+            def edit(m):  # built when persistence_scores needs it: one private UNet copy at a time
+                return Deferred(lambda: diffusion_edit(m, vae, edit_prompt, strength, steps))
+
+            before = edit(model)
+            after = edit(finetuned_model) if kept else None
+            after_b = edit(baseline_finetuned_model) if kept and baseline_finetuned_model is not None else None
             result = persistence_scores(x, p, baseline, before, after, kept, after_b, mask,
                                         seeds=[1000 + k for k in range(int(seeds))],
                                         baseline_name=f"±{epsilon:g}/255 random-sign noise")

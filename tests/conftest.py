@@ -51,6 +51,19 @@ def fixtures() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module that trains or runs tiny models (use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``): on this shared 2-core CPU, OpenMP's
+    spin-waiting threads made tiny convs 10–100x slower (measured). Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """Make the real ComfyUI importable in-process (CPU) and return its directory."""

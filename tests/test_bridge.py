@@ -19,14 +19,7 @@ from immunize.tests.test_diffusion_nodes import (  # noqa: F401  (tiny is a pyte
 EPS = 8 / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (a tiny conv
-    takes ~60x longer with 2 threads under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # --------------------------------------------------------------------------- set-up

@@ -27,13 +27,7 @@ _image, _state, _apply = _tdn._image, _tdn._state, _tdn._apply
 TRAIN_STEPS = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convs on 2 shared cores run ~100x faster on one thread (no spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture

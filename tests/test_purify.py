@@ -16,14 +16,7 @@ from immunize.kernels.metrics import psnr
 from immunize.tests.test_diffusion_nodes import tiny  # noqa: F401  (module fixture, reused)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the 64 small bilateral passes are ~30x slower with two threads on a
-    shared, busy CPU (spin-waiting), and the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _load(path, size=None) -> torch.Tensor:

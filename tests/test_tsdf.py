@@ -47,14 +47,7 @@ def _subset(fixtures: Path) -> list[Path]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: on a shared, oversubscribed CPU, OpenMP's spinning
-    threads made these tests 10–100x slower (measured); one thread is also the frugal choice."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

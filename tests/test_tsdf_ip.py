@@ -16,12 +16,7 @@ from immunize.tests.test_tsdf import _random_sign
 EPS = 8 / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _objective(world, ip, steps=2):
