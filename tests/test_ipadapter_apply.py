@@ -12,8 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from immunize.tests.test_bridge import _load, _one_thread, _rms, _write_ipadapter, world  # noqa: F401
+from immunize.tests.test_bridge import _load, _rms, _write_ipadapter, world  # noqa: F401
 from immunize.tests.test_diffusion_nodes import _apply, _image, _state, tiny  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 # ip-adapter-{kind}_{family} files of a fixed seed, written once per test module
 CASES = [("sd15", "plain"), ("sdxl", "plus")]
