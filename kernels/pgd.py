@@ -42,11 +42,16 @@ class ObjectiveOutput:
     logs: ``{name: [B]}`` detached numbers to record (similarities, distances, ...).
     reached: ``[B]`` bool, True where the objective's own target is met (for early stop), or
         None when the objective has no target.
+    restart: ``[B]`` bool, True where PGD should put the perturbation back to its start δ₀ after
+        this step (the objective begins a new phase that the current δ would only hinder, e.g.
+        detector poisoning switching from shrinking the face box to growing it). It resets the
+        whole image, so every chained objective starts that image again.
     """
 
     loss: Tensor
     logs: dict[str, Tensor] = field(default_factory=dict)
     reached: Optional[Tensor] = None
+    restart: Optional[Tensor] = None
 
 
 BoundObjective = Callable[[Tensor], ObjectiveOutput]
@@ -143,10 +148,16 @@ def quantize_within_budget(
     8-bit steps is rounded *toward zero*, d = trunc(255·adv − c8), and clipped to
     |d| ≤ floor(255·eps). Then |d| ≤ 255·|δ| per pixel, so both the L∞ and the L2 budgets
     hold after quantisation; pixels outside a binary mask are returned unchanged (as c8/255).
+    Under L∞ a step within 10⁻³ of the next whole 8-bit step counts as that step: float32
+    rounding makes 255·(c + 8/255) − 255·c land at 7.99999 for about one pixel in ten, and a
+    plain trunc would silently spend 7/255 of an 8/255 budget there (the clip keeps |d| ≤ ε).
     k/255 in float32 survives SaveImage's ``uint8(255·x)`` exactly for every k (checked in tests).
     """
     c8 = torch.round(clean * 255.0).clamp(0, 255)
-    d = torch.trunc(adv * 255.0 - c8)
+    v = adv * 255.0 - c8
+    if norm == "linf":
+        v = v + torch.sign(v) * 1e-3
+    d = torch.trunc(v)
     if norm == "linf":
         lim = math.floor(eps * 255.0 + 1e-6)
         d = d.clamp(-lim, lim)
@@ -230,6 +241,7 @@ def protect(
         jitter = (torch.rand(clean.shape, generator=gen) * 2 - 1) * 0.5 * min(config.step, config.eps)
         delta = project(jitter.to(clean), clean, config.eps, config.norm, mask)
 
+    start = delta.detach().clone()
     history: list[StepRecord] = []
     stopped_early = False
     steps_run = 0
@@ -238,6 +250,7 @@ def protect(
         x_adv = clean + delta
         grads, losses, logs, reached_all = [], {}, {}, True
         any_target = False
+        restart = torch.zeros(clean.shape[0], dtype=torch.bool, device=clean.device)
         for name, fn in zip(names, bound):
             out = fn(x_adv)
             (g,) = torch.autograd.grad(out.loss.sum(), delta, retain_graph=False, allow_unused=True)
@@ -253,6 +266,8 @@ def protect(
             if out.reached is not None:
                 any_target = True
                 reached_all = reached_all and bool(out.reached.all())
+            if out.restart is not None:
+                restart = restart | out.restart.to(restart.device, torch.bool)
             del out
             # the graph of x_adv is rebuilt per objective: keeps peak memory to one objective
             if len(bound) > 1:
@@ -279,6 +294,8 @@ def protect(
                 scale = config.step * math.sqrt(clean[0].numel())
                 delta = delta - scale * g / _per_sample_norm(g)
             delta = project(delta, clean, config.eps, config.norm, mask)
+            if bool(restart.any()):
+                delta = torch.where(restart.view(-1, 1, 1, 1), start, delta)
         if callback is not None:
             callback(step + 1, config.iterations, (clean + delta).detach(), record)
 

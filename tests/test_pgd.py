@@ -50,6 +50,42 @@ def test_quantize_respects_budget_for_off_grid_inputs():
     assert (torch.floor(q * 255 + 1e-4) == torch.round(q * 255)).all()
 
 
+def test_quantize_keeps_the_whole_linf_budget_of_8bit_images():
+    # float32 makes 255·(c + 8/255) − 255·c land just under 8 for some c: those steps must stay 8
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randint(0, 256, (1, 3, 64, 64), generator=g).float() / 255
+    sign = torch.randint(0, 2, clean.shape, generator=g).float() * 2 - 1
+    adv = (clean + sign * 8 / 255).clamp(0, 1)
+    d = quantize_within_budget(clean, adv, eps=8 / 255, norm="linf") * 255 - torch.round(clean * 255)
+    room = torch.where(sign > 0, 255 - clean * 255, clean * 255).round().clamp(max=8)  # 8 unless clipped at 0/255
+    assert torch.equal(d.round().abs(), room)
+
+
+def test_objective_can_restart_an_image_from_its_start():
+    clean = _img(seed=4)
+    target = torch.ones_like(clean)
+
+    class RestartFirst(PullTo):  # asks PGD to start image 0 again after step 3, image 1 never
+        def bind(self, clean):
+            inner, step = super().bind(clean), [0]
+
+            def f(x):
+                out = inner(x)
+                out.restart = torch.tensor([step[0] == 3, False])
+                step[0] += 1
+                return out
+            return f
+
+    cfg = PGDConfig(eps=16 / 255, step=4 / 255, iterations=5)
+    plain = protect(clean, [PullTo(target)], cfg)
+    res = protect(clean, [RestartFirst(target)], cfg)
+    assert torch.equal(res.protected[1], plain.protected[1])  # untouched image: same path
+    moved = lambda r: float(((r.protected[0] - clean[0]).abs().max() * 255).round())  # noqa: E731
+    # image 0 had 4 steps undone: one step of 4/255 from its start (a jitter of ≤ 2/255), where
+    # plain PGD reached 16/255
+    assert moved(plain) == 16 and moved(res) <= 6
+
+
 def test_pgd_lowers_its_objective_and_moves_toward_target():
     clean = _img(seed=3)
     target = torch.ones_like(clean)
