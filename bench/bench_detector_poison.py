@@ -4,7 +4,7 @@ Prints, from one run: the share of photos whose face MTCNN misses or misplaces (
 protection, the same share for ±ε random-sign noise of the same budget (the unprotected
 baseline), FDFR and precision/recall at IoU 0.7, PSNR, steps and seconds. Not a timed test.
 
-    .venv/bin/python bench/bench_detector_poison.py [--mode any] [--eps 8] [--iterations 250]
+    .venv/bin/python bench/bench_detector_poison.py [--mode any] [--eps 8] [--iterations 500]
 
 The perturbation is limited to each face's square grown by 1.3 (what MTCNN's candidates read),
 as in tests/test_tsdf.py. Photos come from ../shared/fixtures/faces or $IMMUNIZE_FIXTURES.
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--mode", default="any", choices=["miss", "misplace", "any"])
     ap.add_argument("--eps", type=float, default=8.0, help="budget in /255")
     ap.add_argument("--step", type=float, default=1.0, help="PGD step in /255")
-    ap.add_argument("--iterations", type=int, default=250)
+    ap.add_argument("--iterations", type=int, default=500)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--grow", type=float, default=1.3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

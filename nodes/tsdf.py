@@ -261,10 +261,13 @@ class ImmunizeDetectorPoisonObjective(io.ComfyNode):
             inputs=[
                 io.Combo.Input("mode", options=list(MODES), default="any",
                                tooltip="miss: drive MTCNN's face probabilities below its thresholds. "
-                                       "misplace: pull its boxes off the face (IoU < 0.7). any: misplace "
-                                       "first, then (after 120 steps) try to hide the faces that are still "
-                                       "found — the two succeed on different photos, so 'any' protects the "
-                                       "most (give it ≥ 250 iterations)."),
+                                       "misplace: pull its boxes off the face (IoU < 0.7). any: shrink the "
+                                       "boxes first, then (after 120 steps) hide the faces still found, then "
+                                       "(after 220 and 360) start those afresh growing the boxes — each phase "
+                                       "wins on other photos, so 'any' protects the most (give it ≥ 500 "
+                                       "iterations; it stops early per photo). A fresh start resets the whole "
+                                       "perturbation of that photo: use 'any' in Two-Stage Protect's poisoning "
+                                       "stage rather than chained with other objectives in one PGD Protect."),
                 _weight_input(),
                 _objective_input(),
             ],
@@ -310,7 +313,7 @@ class ImmunizeTwoStageProtect(io.ComfyNode):
                                        "clipping to epsilon."),
                 io.Int.Input("stage1_iterations", default=40, min=0, max=2000,
                              tooltip="PGD iterations of stage 1 (interruption)."),
-                io.Int.Input("stage2_iterations", default=250, min=0, max=2000,
+                io.Int.Input("stage2_iterations", default=500, min=0, max=2000,
                              tooltip="PGD iterations of stage 2 (poisoning); stops early once the "
                                      "detector fails on every image."),
                 io.Int.Input("refine_iterations", default=20, min=0, max=2000,
