@@ -50,11 +50,12 @@ Losses per image (each a mean over that stage's cells or crops; κ = ``margin`` 
                4. misplace, k = 1.35, afresh again (a second draw: which photos give way is
                   partly chance — the random crops, the start — and successes in a fresh phase
                   come 50–140 steps after its start).
-               Each phase wins on photos the others do not (test's 10 photos: miss 6, misplace 7,
-               phases 1+2: 8; on the 15 of 48 fixture photos that phases 1+2 leave found, phase 3
-               takes 7). A fifth fresh phase added nothing on the 9 photos left. O-Net's regression is strong: from the clean face's square scaled by
-               0.5 … 1.4 it returns a box with IoU 0.85–0.97, so a misplacement must move *every*
-               candidate's regression, and which direction gives way first depends on the face.
+               Each phase wins on photos the others do not (test's 10 photos, one draw: miss 6,
+               misplace 7, phases 1+2: 8; on the 15 of 48 fixture photos that phases 1+2 leave
+               found, phase 3 takes 7). A fifth fresh phase added nothing on the 9 photos left.
+               O-Net's regression is strong: from the clean face's square scaled by 0.5 … 1.4 it
+               returns a box with IoU 0.85–0.97, so a misplacement must move *every* candidate's
+               regression, and which direction gives way first depends on the face.
 
 The miss loss presses on every stage although failing one is enough: P-Net and R-Net see the
 face at 6–13x reduction, where ±8/255 averages out, and cannot be silenced alone, but their
@@ -263,7 +264,9 @@ def face_mask(boxes: Sequence[Tensor], height: int, width: int, grow: float = 1.
 
 def quantize_8bit(clean: Tensor, adv: Tensor) -> Tensor:
     """What :func:`kernels.pgd.quantize_within_budget` returns for ``adv`` inside the budget:
-    the 8-bit grid of the clean image plus the perturbation rounded toward zero."""
+    the 8-bit grid of the clean image plus the perturbation rounded toward zero (exactly so for
+    a clean image on the 8-bit grid, as loaded photos are; off it, a pixel may differ by one
+    level — PGD's final verdict is taken on the image it returns)."""
     from .pgd import quantize_within_budget
 
     return quantize_within_budget(clean, adv, 1.0, "linf")
@@ -813,8 +816,8 @@ class DetectorPoisonObjective:
 
     detectors: :class:`Detector` instances (default: MTCNN); mode: "miss" | "misplace" | "any"
     ("any": the phases of ``ANY_PHASES`` — shrink the box, hide the face, grow the box from a
-    fresh start, twice — every image the real detectors still find moves on to the next phase at the
-    steps ``switch_after``; each phase wins on other photos, see the module docstring);
+    fresh start, twice — every image the real detectors still find moves on to the next phase at
+    the steps ``switch_after``; each phase wins on other photos, see the module docstring);
     faces: optional B ``[F,4]`` boxes to protect (default: the first detector's detections on
     the clean image); check_every: run the real detectors on the 8-bit quantised image every
     this many steps, and whenever a surrogate predicts a new failure, for ``reached`` (0: never,

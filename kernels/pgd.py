@@ -150,15 +150,17 @@ def quantize_within_budget(
     hold after quantisation; pixels outside a binary mask are returned unchanged (as c8/255).
     Under L∞ a step within 10⁻³ of the next whole 8-bit step counts as that step: float32
     rounding makes 255·(c + 8/255) − 255·c land at 7.99999 for about one pixel in ten, and a
-    plain trunc would silently spend 7/255 of an 8/255 budget there (the clip keeps |d| ≤ ε).
+    plain trunc would silently spend 7/255 of an 8/255 budget there (taken only where it keeps
+    |q − clean| ≤ ε + 4·10⁻⁷, which matters for a clean image off the 8-bit grid).
     k/255 in float32 survives SaveImage's ``uint8(255·x)`` exactly for every k (checked in tests).
     """
     c8 = torch.round(clean * 255.0).clamp(0, 255)
     v = adv * 255.0 - c8
-    if norm == "linf":
-        v = v + torch.sign(v) * 1e-3
     d = torch.trunc(v)
     if norm == "linf":
+        # the snap is taken only where it keeps |q − clean| ≤ ε (a clean image off the 8-bit grid)
+        snap = torch.trunc(v + torch.sign(v) * 1e-3)
+        d = torch.where((c8 + snap - clean * 255.0).abs() <= eps * 255.0 + 1e-4, snap, d)
         lim = math.floor(eps * 255.0 + 1e-6)
         d = d.clamp(-lim, lim)
     if mask is not None:
