@@ -103,7 +103,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .modules import grad_ready
-from .pgd import BoundObjective, ObjectiveOutput
+from .pgd import BoundObjective, ObjectiveOutput, quantize_within_budget
 
 MODES = ("miss", "misplace", "any")
 # "any": the phases in turn, each a per-image mode and (misplace) the target box's scale; an image
@@ -260,16 +260,6 @@ def face_mask(boxes: Sequence[Tensor], height: int, width: int, grow: float = 1.
         if len(b) == 0:
             m[i] = 1.0
     return m
-
-
-def quantize_8bit(clean: Tensor, adv: Tensor) -> Tensor:
-    """What :func:`kernels.pgd.quantize_within_budget` returns for ``adv`` inside the budget:
-    the 8-bit grid of the clean image plus the perturbation rounded toward zero (exactly so for
-    a clean image on the 8-bit grid, as loaded photos are; off it, a pixel may differ by one
-    level — PGD's final verdict is taken on the image it returns)."""
-    from .pgd import quantize_within_budget
-
-    return quantize_within_budget(clean, adv, 1.0, "linf")
 
 
 # --------------------------------------------------------------------------- MTCNN
@@ -545,11 +535,10 @@ class MTCNNDetector:
     def surrogate(self, clean: Tensor, faces: Sequence[Tensor], mode: str) -> "MTCNNSurrogate":
         if mode not in MODES:
             raise ValueError(f"detector poisoning mode must be one of {MODES}, got {mode!r}")
-        surrogate = MTCNNSurrogate(self, clean, faces, ANY_PHASES[0][0] if mode == "any" else mode)
-        if mode == "any" and ANY_PHASES[0][1] is not None:
-            for b in range(clean.shape[0]):
-                surrogate.set_mode(b, ANY_PHASES[0][0], ANY_PHASES[0][1])
-        return surrogate
+        if mode == "any":
+            mode, scale, _ = ANY_PHASES[0]
+            return MTCNNSurrogate(self, clean, faces, mode, scale)
+        return MTCNNSurrogate(self, clean, faces, mode)
 
 
 class MTCNNSurrogate:
@@ -559,18 +548,19 @@ class MTCNNSurrogate:
     candidates it cut near each face and returns its final boxes.
     """
 
-    def __init__(self, cfg: MTCNNDetector, clean: Tensor, faces: Sequence[Tensor], mode: str):
+    def __init__(self, cfg: MTCNNDetector, clean: Tensor, faces: Sequence[Tensor], mode: str,
+                 scale: Optional[float] = None):
         m = cfg._net()
         self.cfg, self.mtcnn = cfg, m
         self.modes = [mode] * clean.shape[0]  # per image: "miss" or "misplace" (see set_mode)
+        # per image: the misplace target is the face box scaled by this (see set_mode)
+        self.scales = [float(cfg.misplace_scale if scale is None else scale)] * clean.shape[0]
         device = clean.device
         self.pnet, self.rnet, self.onet = (_strip_softmax(n).to(device) for n in (m.pnet, m.rnet, m.onet))
         self.th = [_logit(float(t)) for t in m.thresholds]
         self.B, _, H, W = clean.shape
         self.faces = [f.reshape(-1, 4).float().cpu() for f in faces]
         self.squares = [square(f) for f in self.faces]
-        self.scales = [float(cfg.misplace_scale)] * self.B  # per image: the misplace target's scale
-        self.targets = [_scale_boxes(f, cfg.misplace_scale) for f in self.faces]
         self.gen = torch.Generator().manual_seed(int(cfg.seed))
         self.stamp = 0
         self.memory = {k: [_CandidateMemory(cfg.memory) for _ in range(self.B)] for k in ("rnet", "onet")}
@@ -617,7 +607,6 @@ class MTCNNSurrogate:
         self.modes[b] = mode
         if scale is not None:
             self.scales[b] = float(scale)
-            self.targets[b] = _scale_boxes(self.faces[b], float(scale))
 
     def _sides(self) -> list[Tensor]:
         return [(f[:, 2:] - f[:, :2]).amax(1) for f in self.faces if len(f)]
@@ -652,7 +641,8 @@ class MTCNNSurrogate:
         if self.modes[b] == "miss":
             return F.relu(margin - thresh + self.cfg.margin)
         iou, face = box_iou(pred, self.faces[b].to(pred.device)).max(1)
-        return self._pull(pred, self.targets[b].to(pred.device)[face], iou)
+        target = _scale_boxes(self.faces[b], self.scales[b]).to(pred.device)
+        return self._pull(pred, target[face], iou)
 
     def _pull(self, pred: Tensor, target: Tensor, iou: Tensor) -> Tensor:
         """Misplace loss per box: L1 distance of the regressed box to the target box in units
@@ -705,8 +695,7 @@ class MTCNNSurrogate:
                 pred = boxes + r * wh
                 iou = _paired_iou(pred, tgt)
                 sc = torch.tensor([self.scales[b] for b in idx], dtype=tgt.dtype, device=tgt.device)
-                c, half = (tgt[..., :2] + tgt[..., 2:]) / 2, (tgt[..., 2:] - tgt[..., :2]) / 2 * sc.view(-1, 1, 1)
-                tb = torch.cat([c - half, c + half], -1)
+                tb = _scale_boxes(tgt, sc.view(-1, 1, 1))
                 pull = (self._pull(pred, tb, iou) * selm).sum(1)
                 loss = loss + torch.where(miss, torch.zeros_like(pull), pull)
         with torch.no_grad():
@@ -790,11 +779,12 @@ class MTCNNSurrogate:
         return wp * p_loss + wr * r_loss + wo * o_loss, logs
 
 
-def _scale_boxes(boxes: Tensor, factor: float) -> Tensor:
-    """Boxes ``[N,4]`` scaled by ``factor`` about their centres."""
-    c = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * factor
-    return torch.cat([c - half, c + half], 1)
+def _scale_boxes(boxes: Tensor, factor) -> Tensor:
+    """Boxes ``[..., 4]`` scaled about their centres by ``factor`` (a number, or a tensor that
+    broadcasts against ``[..., 1]``, e.g. one factor per image)."""
+    c = (boxes[..., :2] + boxes[..., 2:]) / 2
+    half = (boxes[..., 2:] - boxes[..., :2]) / 2 * factor
+    return torch.cat([c - half, c + half], -1)
 
 
 def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -863,8 +853,7 @@ class DetectorPoisonObjective:
         self.clean_faces = [f.detach().cpu().clone() for f in faces]
         losses = [d.surrogate(clean, self.clean_faces, self.mode) for d in self.detectors]
         state = {"step": 0, "success": torch.zeros(B, dtype=torch.bool)}
-        switches = [int(v) for v in (self.switch_after if isinstance(self.switch_after, (tuple, list))
-                                     else (self.switch_after,))][:len(ANY_PHASES) - 1]
+        switches = [int(v) for v in self.switch_after][:len(ANY_PHASES) - 1]
         clean_ref = clean.detach().clone()
 
         def evaluate(x_adv: Tensor) -> ObjectiveOutput:
@@ -927,7 +916,9 @@ class DetectorPoisonObjective:
         if idx is not None:
             clean, x_adv = clean[idx], x_adv[idx]
         faces = self.clean_faces if idx is None else [self.clean_faces[i] for i in idx]
-        q = quantize_8bit(clean.cpu(), x_adv.cpu())
+        # what PGD will return (exactly so for a clean image on the 8-bit grid, as loaded photos
+        # are; off it a pixel may differ by one level, and PGD's final verdict is on its result)
+        q = quantize_within_budget(clean.cpu(), x_adv.cpu(), 1.0, "linf")
         ok = torch.ones(clean.shape[0], dtype=torch.bool)
         for sur in surrogates:
             pred = sur.observe(q, idx)
@@ -941,5 +932,5 @@ __all__ = [
     "Detector", "MTCNNDetector", "DetectorPoisonObjective", "PrecisionRecall", "MODES",
     "box_iou", "box_mask", "crop_resize", "detect_boxes", "detector_precision_recall", "fdfr",
     "miss_or_misplace_rate", "missed_or_misplaced", "mtcnn_scales", "pnet_cell_boxes",
-    "quantize_8bit", "square",
+    "square",
 ]

@@ -252,7 +252,7 @@ def protect(
         x_adv = clean + delta
         grads, losses, logs, reached_all = [], {}, {}, True
         any_target = False
-        restart = torch.zeros(clean.shape[0], dtype=torch.bool, device=clean.device)
+        restart = None  # [B] bool: images an objective asks to start again
         for name, fn in zip(names, bound):
             out = fn(x_adv)
             (g,) = torch.autograd.grad(out.loss.sum(), delta, retain_graph=False, allow_unused=True)
@@ -269,7 +269,8 @@ def protect(
                 any_target = True
                 reached_all = reached_all and bool(out.reached.all())
             if out.restart is not None:
-                restart = restart | out.restart.to(restart.device, torch.bool)
+                r = out.restart.to(clean.device, torch.bool)
+                restart = r if restart is None else restart | r
             del out
             # the graph of x_adv is rebuilt per objective: keeps peak memory to one objective
             if len(bound) > 1:
@@ -296,7 +297,7 @@ def protect(
                 scale = config.step * math.sqrt(clean[0].numel())
                 delta = delta - scale * g / _per_sample_norm(g)
             delta = project(delta, clean, config.eps, config.norm, mask)
-            if bool(restart.any()):
+            if restart is not None and bool(restart.any()):
                 delta = torch.where(restart.view(-1, 1, 1, 1), start, delta)
         if callback is not None:
             callback(step + 1, config.iterations, (clean + delta).detach(), record)

@@ -48,9 +48,8 @@ def test_quantize_respects_budget_for_off_grid_inputs():
     c8 = torch.round(clean * 255)
     assert (q * 255 - c8).abs().max() <= 6
     assert (torch.floor(q * 255 + 1e-4) == torch.round(q * 255)).all()
-    # a perturbation at the budget's edge, as PGD's sign steps leave it: still within ε of the
-    # (off-grid) clean image after the snap to whole 8-bit steps
-    # (a hair off the grid, where a blind snap to the next whole step would overshoot ε)
+    # a perturbation at the budget's edge, as PGD's sign steps leave it, on a clean image a hair
+    # off the grid (where a blind snap to the next whole 8-bit step would overshoot ε): still within ε
     clean = (torch.randint(8, 248, clean.shape, generator=g) + (torch.rand(clean.shape, generator=g) - 0.5)
              * 2e-3) / 255
     edge = clean + torch.sign(torch.rand(clean.shape, generator=g) - 0.5) * 6 / 255
