@@ -45,14 +45,21 @@ Losses per image (each a mean over that stage's cells or crops; κ = ``margin`` 
                1. misplace, k = 0.5, for 120 steps;
                2. miss, continuing from phase 1's δ (misplacing first leaves the boxes of a photo
                   that resists it tighter, which the miss loss then exploits), to step 220;
-               3. misplace, k = 1.25, *started afresh* from δ₀ (PGD's restart: growing the box is
+               3. misplace, k = 1.6, *started afresh* from δ₀ (PGD's restart: growing the box is
                   the opposite of phase 1, whose δ would only be in its way), to step 360;
-               4. misplace, k = 1.35, afresh again (a second draw: which photos give way is
+               4. misplace, k = 2.0, afresh again (a second draw: which photos give way is
                   partly chance — the random crops, the start — and successes in a fresh phase
                   come 50–140 steps after its start).
+               Targets well beyond where the boxes can go (they reach 1.1–1.2x): the L1 pull's
+               gradient is a sign per box side, so k only decides which sides are pushed out;
+               towards 1.25/1.35 a few sides of shifted candidates (≤ 8 % after 100 steps) had
+               already passed the target and were pulled back. Measured, same code otherwise:
+               all 48 photos 42 vs 39 (one thread) and 41 vs 37 (two threads); the 7 hardest
+               photos after 150 steps of growth: 2 (k = 1.6 or 2.0) vs 0 (k = 1.35). Part of
+               the gain may be a luckier draw (see the draws below).
                Each phase wins on photos the others do not (test's 10 photos, one draw: miss 6,
                misplace 7, phases 1+2: 8; on the 15 of 48 fixture photos that phases 1+2 leave
-               found, phase 3 takes 7). A fifth fresh phase added nothing on the 9 photos left.
+               found, phase 3 (k = 1.25) took 7).
                O-Net's regression is strong: from the clean face's square scaled by 0.5 … 1.4 it
                returns a box with IoU 0.85–0.97, so a misplacement must move *every* candidate's
                regression, and which direction gives way first depends on the face.
@@ -72,15 +79,18 @@ where the check passed and its surrogate is not even evaluated); PGD stops when 
 
 Measured on the 256x256 fixture photos (ε = 8/255, step 1/255, perturbation limited to the face
 square grown 1.3x, real MTCNN on the saved 8-bit image; ``bench/bench_detector_poison.py``):
-mode "any" (≤ 500 steps) 37 of 48 (77.1 %), FDFR 25 %, P/R@0.7 0.30/0.22, PSNR ≥ 33.2 dB
-(mean 34.2), 10.1 s per photo on 2 CPU threads; the same run on 1 thread 39 of 48 (81.3 %): the
-photos at the edge (about 6 of 48) flip with float rounding and the random draw, the 6–7 that
-never gave way are clean, frontal, well-lit faces (most of them Angelina Jolie and Katy Perry
-photos). Phases 1+2 alone (≤ 250 steps) 33 of 48 (68.8 %); "miss" alone (150 steps) 28 of 48
-(58 %). What did not help the photos that resist: momentum or Adam steps, a low-resolution
-perturbation, O-Net-only pressure, 500 steps of one mode, restarts with other seeds,
-per-candidate shrink targets, growing one side of the box (0 of 9), a fifth fresh phase, a mask
-grown 1.45x instead of 1.3x (9 of 16 both), checking the real MTCNN every step. ε = 12/255
+mode "any" (≤ 500 steps) 41 of 48 (85.4 %), FDFR 25 %, P/R@0.7 0.19/0.14, PSNR ≥ 33.2 dB
+(mean 34.2), 9.6 s per photo on 2 CPU threads. Three more draws (1 thread; batches of 6; seed 1):
+42, 40, 40 of 48 (83–88 %). The photos at the edge flip with float rounding and the random draw;
+the 5–6 that never gave way are clean, frontal, well-lit faces (angelina_jolie/5, /6,
+katy_perry/2, /7, /8, scarlett_johansson/3). Phases 1+2 alone (≤ 250 steps) 33 of 48
+(68.8 %); "miss" alone (150 steps) 28 of 48 (58 %). What did not help the photos that resist:
+momentum or Adam steps, a low-resolution perturbation, O-Net-only pressure, 500 steps of one
+mode, restarts with other seeds, per-candidate shrink targets, growing one side of the box (0 of
+9), a fifth fresh phase, a mask grown 1.45x instead of 1.3x (9 of 16 both), checking the real
+MTCNN every step, a ranking term for MTCNN's final "Min" NMS (press the scores of the boxes that
+match the face under the best misplaced box nested in it: 2 of the 7 hardest, other ones than
+growth takes, and it stopped the boxes growing). ε = 12/255
 defeats the hardest in ≤ 60 steps (miss). ±ε random noise of the same budget: 0 %.
 
 Evaluation helpers: :func:`box_iou`, :func:`detector_precision_recall` (greedy one-to-one
@@ -108,7 +118,7 @@ from .pgd import BoundObjective, ObjectiveOutput, quantize_within_budget
 MODES = ("miss", "misplace", "any")
 # "any": the phases in turn, each a per-image mode and (misplace) the target box's scale; an image
 # the real detector still finds at a switch step moves on to the next phase
-ANY_PHASES = (("misplace", 0.5, False), ("miss", None, False), ("misplace", 1.25, True), ("misplace", 1.35, True))
+ANY_PHASES = (("misplace", 0.5, False), ("miss", None, False), ("misplace", 1.6, True), ("misplace", 2.0, True))
 
 
 class DetectorSurrogate(Protocol):

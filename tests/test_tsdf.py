@@ -154,11 +154,12 @@ def test_detector_poison_defeats_real_mtcnn_on_real_photos(photos, mtcnn):
     print(f"\n[detector poison] miss-or-misplace {rate:.0%} of {len(photos)}, FDFR {D.fdfr(pred):.0%}, "
           f"P/R@0.7 {pr.precision:.2f}/{pr.recall:.2f}, PSNR min {q.min():.2f} mean {q.mean():.2f} dB, "
           f"{res.steps_run} steps, {seconds:.0f} s")
-    # measured: 7 of 10 in 191 s (miss alone 6, misplace alone 7). Which of the hardest faces give
-    # way varies with the random draw and float rounding: 6 of 10 after 250 steps, 8 of 10 when
-    # the same 10 run in batches of 8 + 2; hence the bound. All 48 fixture photos (77–81 %):
-    # bench/bench_detector_poison.py. The unprotected baseline is 0 of 10.
-    assert rate >= 0.6, rate
+    # measured: 8 of 10 in 189 s (7 of 10 when phases 3-4 grew towards 1.25/1.35 instead of
+    # 1.6/2.0). Which of the hardest faces give way varies with the random draw and float
+    # rounding, so the bound leaves one photo of room. The ≥ 80 % target is measured on all 48
+    # fixture photos by bench/bench_detector_poison.py: 83-88 % over four draws. The unprotected
+    # baseline is 0 of 10.
+    assert rate >= 0.7, rate
     assert q.min() >= 32.0
     noisy = _random_sign(photos, EPS, 2)  # ±ε noise of the same budget does nothing
     assert D.miss_or_misplace_rate(D.detect_boxes(mtcnn, noisy), truth) == 0.0
