@@ -41,13 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import NoFaceError  # noqa: F401  (re-exported: callers import it from here)
 from .faces import align_faces, detect_faces
 from .modules import grad_ready
 from .pgd import BoundObjective, ObjectiveOutput
-
-
-class NoFaceError(ValueError):
-    """Raised when a face recogniser is used on an image in which no face was found."""
 
 
 def _per_image(values: Tensor, owner: Tensor, batch: int, reduce: str = "mean") -> Tensor:

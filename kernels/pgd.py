@@ -33,6 +33,8 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from .errors import EmptyBatchError, ProtectionFailed
+
 
 @dataclass
 class ObjectiveOutput:
@@ -67,6 +69,9 @@ class Objective(Protocol):
         ...
 
 
+MAX_EPS = 32 / 255  # the largest budget accepted (fraction of the pixel range)
+
+
 @dataclass
 class PGDConfig:
     """Budget and schedule. ``eps`` and ``step`` are fractions of the [0, 1] pixel range."""
@@ -81,15 +86,26 @@ class PGDConfig:
     quantize: bool = True  # return pixels on the 8-bit grid, still within eps of the clean image
 
     def validate(self) -> None:
-        if not (0.0 < self.eps <= 64 / 255 + 1e-9):
+        """Refuse budgets and schedules that cannot protect: NaN/inf, ε outside [1/255, 32/255]
+        under L∞ (below one 8-bit step nothing survives saving; above 32/255 the change is
+        plainly visible), a step ≤ 0, a negative iteration count or an unknown norm."""
+        for name, v in (("eps", self.eps), ("step", self.step)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}. Use e.g. eps 8/255, step 1.275/255.")
+        if not (0.0 < self.eps <= MAX_EPS + 1e-9):
             raise ValueError(
-                f"eps must be in (0, 64/255]; got {self.eps * 255:.3g}/255. "
-                "Use a budget between 1 and 64 (in /255 units); 8 is the usual choice."
+                f"eps must be in (0, 32/255]; got {self.eps * 255:.3g}/255. "
+                "Use a budget between 1 and 32 (in /255 units); 8 is the usual choice, above 16 it shows."
+            )
+        if self.norm == "linf" and self.eps * 255 < 1 - 1e-6:
+            raise ValueError(
+                f"eps {self.eps * 255:.3g}/255 is below one 8-bit step: the saved image would be unchanged. "
+                "Use at least 1 (in /255 units); 8 is the usual choice."
             )
         if self.step <= 0:
-            raise ValueError(f"step must be > 0, got {self.step}")
-        if self.iterations < 0:
-            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+            raise ValueError(f"step must be > 0, got {self.step * 255:.3g}/255. Use e.g. 1.275 (/255).")
+        if isinstance(self.iterations, bool) or int(self.iterations) != self.iterations or self.iterations < 0:
+            raise ValueError(f"iterations must be a whole number >= 0, got {self.iterations!r}")
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
 
@@ -211,11 +227,7 @@ def protect(
     config.validate()
     if not objectives:
         raise ValueError("PGD needs at least one objective to optimise.")
-    if clean.dim() != 4:
-        raise ValueError(f"expected an image batch [B,C,H,W], got shape {tuple(clean.shape)}")
-    clean = clean.detach().clone().float()
-    if mask is not None:
-        mask = mask.detach().to(clean).expand(clean.shape[0], 1, *clean.shape[2:]).clone()
+    clean, mask = check_inputs(clean, mask)
 
     with torch.no_grad():
         bound = [obj.bind(clean) for obj in objectives]
@@ -229,6 +241,8 @@ def protect(
         if init.dim() != 4 or init.shape[1:] != clean.shape[1:] or init.shape[0] not in (1, clean.shape[0]):
             raise ValueError(f"init must be a perturbation shaped like the image {tuple(clean.shape)} "
                              f"(or one for all), got {tuple(init.shape)}")
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError("init (the starting perturbation) contains NaN or infinite values.")
         delta = project(init.detach().to(clean).expand_as(clean).clone(), clean, config.eps, config.norm, mask)
     elif config.random_start:
         noise = torch.rand(clean.shape, generator=gen) * 2 - 1
@@ -261,6 +275,7 @@ def protect(
                     f"objective {name!r} does not depend on the image: its loss has no gradient "
                     "with respect to the pixels"
                 )
+            _check_finite(name, step, out.loss, g)
             grads.append(g)
             losses[name] = out.loss.detach().cpu()
             for k, v in out.logs.items():
@@ -309,6 +324,7 @@ def protect(
     with torch.no_grad():  # what the objectives say of the image actually returned
         for name, fn in zip(names, bound):
             out = fn(adv)
+            _check_finite(name, config.iterations, out.loss)
             final_losses[name] = out.loss.detach().float().cpu()
             for k, v in out.logs.items():
                 final_logs[f"{name}/{k}"] = v.detach().float().cpu()
@@ -316,6 +332,99 @@ def protect(
         protected=adv.detach(), history=history, steps_run=steps_run,
         stopped_early=stopped_early, config=config, final_logs=final_logs, final_losses=final_losses,
     )
+
+
+def check_inputs(clean: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Refuse what cannot be protected, before any work: not a ``[B,C,H,W]`` batch, an empty
+    batch, NaN/inf pixels, a mask with NaN/inf or one that allows no pixel of some image to change.
+    Returns float copies ``(clean [B,C,H,W], mask [B,1,H,W] | None)``."""
+    if clean.dim() != 4:
+        raise ValueError(f"expected an image batch [B,C,H,W], got shape {tuple(clean.shape)}")
+    if clean.shape[0] == 0 or clean.numel() == 0:
+        raise EmptyBatchError(
+            f"the image batch is empty (shape {tuple(clean.shape)}): the node that feeds it produced no image "
+            "(e.g. Detector Crop drops every photo in which it finds no face). Nothing can be protected; "
+            "check the images upstream."
+        )
+    clean = clean.detach().clone().float()
+    if not bool(torch.isfinite(clean).all()):
+        raise ValueError("the image contains NaN or infinite pixel values; load it again or fix the node upstream.")
+    if mask is None:
+        return clean, None
+    if not bool(torch.isfinite(mask).all()):
+        raise ValueError("the mask contains NaN or infinite values; use a MASK in [0, 1].")
+    mask = mask.detach().to(clean).expand(clean.shape[0], 1, *clean.shape[2:]).clone()
+    empty = [i for i in range(mask.shape[0]) if not bool((mask[i] > 0).any())]
+    if empty:
+        raise ProtectionFailed(
+            f"the mask allows no pixel to change in image(s) {empty}: nothing would be protected. Use a mask "
+            "that is 1 where the image may change (Load Image's MASK is 1 where the picture is transparent: "
+            "for a cut-out face, invert it with Invert Mask), or leave 'mask' unconnected."
+        )
+    return clean, mask
+
+
+def _check_finite(name: str, step: int, loss: Tensor, grad: Optional[Tensor] = None) -> None:
+    """Stop at the first non-finite loss or gradient: a sign step of NaN would turn the whole
+    image into NaN (an all-black PNG)."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    what = "loss"
+    if not bad and grad is not None and not bool(torch.isfinite(grad).all()):
+        bad, what = True, "gradient"
+    if bad:
+        raise ProtectionFailed(
+            f"objective {name!r} produced a non-finite {what} (NaN or inf) at PGD step {step}: the protection "
+            "would be garbage, so nothing is returned. Check the objective's inputs (models in fp16 can "
+            "overflow; an image without the face or text the objective needs), or lower its weight."
+        )
+
+
+def check_protected(clean: Tensor, protected: Tensor, eps: float, norm: str,
+                    mask: Optional[Tensor] = None, quantized: bool = True) -> dict[str, Tensor]:
+    """The guarantees a "protected" image must meet before a node returns it; raises
+    :class:`ProtectionFailed` naming the cause otherwise.
+
+    clean, protected: ``[B,C,H,W]`` in [0, 1]; eps: budget (fraction); norm: "linf" | "l2";
+    mask ``[B or 1,1,H,W]`` or None; quantized: the image is meant to be on the 8-bit grid.
+    Checks: finite, in [0, 1], within the budget (L∞: max |δ| ≤ ε; L2: ‖δ‖₂ ≤ ε·√N), on the
+    8-bit grid, unchanged outside a mask, and changed in every image (L∞ ≥ one 8-bit step).
+    Returns ``{"linf_255": [B], "psnr_db": [B]}`` as measured.
+    """
+    if not bool(torch.isfinite(protected).all()):
+        raise ProtectionFailed("the protected image contains NaN or infinite values; nothing is returned.")
+    if protected.shape != clean.shape:
+        raise ProtectionFailed(f"the protected image is {tuple(protected.shape)}, the input {tuple(clean.shape)}.")
+    if float(protected.min()) < 0 or float(protected.max()) > 1:
+        raise ProtectionFailed("the protected image leaves the pixel range [0, 1].")
+    delta = (protected.double() - clean.double())
+    tol = 1e-5
+    if quantized:
+        q = protected.double() * 255
+        if float((q - q.round()).abs().max()) > 1e-3:
+            raise ProtectionFailed("the protected image is not on the 8-bit grid: saving would change it.")
+    if norm == "linf":
+        over = delta.flatten(1).abs().amax(1) > eps + tol
+    else:
+        over = delta.flatten(1).norm(dim=1) > eps * math.sqrt(delta[0].numel()) * (1 + 1e-6) + tol
+    if bool(over.any()):
+        raise ProtectionFailed(f"image(s) {over.nonzero().flatten().tolist()} exceed the budget ε = "
+                               f"{eps * 255:.3g}/255 ({norm}); nothing is returned.")
+    if mask is not None:
+        outside = (mask.to(delta.device).expand(delta.shape[0], 1, *delta.shape[2:]) <= 0)
+        if bool((delta.abs() * outside).amax() > tol):
+            raise ProtectionFailed("pixels outside the mask changed; nothing is returned.")
+    linf = torch.round(delta.flatten(1).abs().amax(1) * 255 * 1000) / 1000  # float32 k/255 is not exact
+    unchanged = (linf < 0.5).nonzero().flatten().tolist()
+    if unchanged:
+        raise ProtectionFailed(
+            f"image(s) {unchanged} came out unchanged (no pixel moved by one 8-bit step): they are NOT protected. "
+            "Likely causes: the objectives' gradients vanish there (no face where a face recogniser looks, a "
+            "mask that excludes the face), too few iterations, or a step too small to reach one 8-bit level. "
+            "Raise iterations or step, or check the mask and the objectives."
+        )
+    mse = delta.pow(2).flatten(1).mean(1)
+    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-20))
+    return {"linf_255": linf.float().cpu(), "psnr_db": psnr.float().cpu()}
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:

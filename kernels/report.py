@@ -44,6 +44,7 @@ class ProtectionReport:
         for i in range(self.batch):
             row = {
                 "image": i,
+                "method": "+".join(self.result.final_losses),
                 "height": int(self.clean.shape[2]),
                 "width": int(self.clean.shape[3]),
                 "norm": cfg.norm,

@@ -646,13 +646,16 @@ class TwoStageConfig:
         PGDConfig(eps=self.eps, step=self.step).validate()
         if not (0.0 < self.interruption_strength <= 1.0):
             raise ValueError(f"interruption_strength must be in (0, 1], got {self.interruption_strength}")
-        if not (0.0 < self.inner_eps <= 64 / 255 + 1e-9):
-            raise ValueError(f"inner_eps must be in (0, 64/255], got {self.inner_eps * 255:.3g}/255")
+        if not (0.0 < self.inner_eps <= 32 / 255 + 1e-9):
+            raise ValueError(f"inner_eps must be in (0, 32/255], got {self.inner_eps * 255:.3g}/255")
         if not (0.0 <= self.poison_strength <= 2.0):
             raise ValueError(f"poison_strength must be in [0, 2], got {self.poison_strength}")
         for name in ("stage1_iterations", "stage2_iterations", "refine_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stage1_iterations + self.stage2_iterations + self.refine_iterations == 0:
+            raise ValueError("all three stages have 0 iterations: the image would not be protected. "
+                             "Give at least one stage iterations (defaults 40 / 500 / 20).")
 
 
 @dataclass

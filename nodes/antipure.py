@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from .baselines import CATEGORY, Objective, _chain, _objective_input, _weight_input
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
+from .common import Node
 
 
 def _check_inputs(model: Any, vae: Any, conditioning: Any, node: str) -> None:
@@ -112,7 +113,7 @@ def _model_inputs() -> list:
     ]
 
 
-class ImmunizeFrequencyGuidance(io.ComfyNode):
+class ImmunizeFrequencyGuidance(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -155,7 +156,7 @@ class ImmunizeFrequencyGuidance(io.ComfyNode):
         return io.NodeOutput(_chain(objective, new))
 
 
-class ImmunizeTimestepGuidance(io.ComfyNode):
+class ImmunizeTimestepGuidance(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

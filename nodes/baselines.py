@@ -7,6 +7,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .diffusion_access import ComfyDenoisingObjective, ComfyEncoderObjective
+from .common import Node
 
 Objective = io.Custom("PROTECT_OBJECTIVE")
 
@@ -40,7 +41,7 @@ def _weight_input():
     )
 
 
-class ImmunizeDenoisingLoss(io.ComfyNode):
+class ImmunizeDenoisingLoss(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -74,7 +75,7 @@ class ImmunizeDenoisingLoss(io.ComfyNode):
         return io.NodeOutput(_chain(objective, new))
 
 
-class ImmunizeEncoderAttack(io.ComfyNode):
+class ImmunizeEncoderAttack(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

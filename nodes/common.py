@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -12,6 +13,58 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
+
+class Node(io.ComfyNode):
+    """Base of every node of the pack: its widget values are checked at queue time, so a bad
+    value fails as a ``node_errors`` entry naming the input before any work starts.
+
+    ComfyUI's own check skips NaN (``nan < min`` is False) and V3 combos; and once a node
+    defines ``validate_inputs`` it skips the min/max checks of the inputs it receives, so
+    :func:`check_widget_values` does all of them. A node with more to check overrides
+    ``validate_inputs`` and calls it first.
+    """
+
+    @classmethod
+    def validate_inputs(cls, **values):
+        return check_widget_values(cls, values)
+
+
+def check_widget_values(node_cls, values: dict) -> "bool | str":
+    """True, or one message naming every widget value that is not finite, outside its min/max,
+    of the wrong type or not among a combo's options. Linked inputs arrive as None (their
+    values are not known at queue time) and are skipped."""
+    types = node_cls.INPUT_TYPES()
+    spec = {**types.get("required", {}), **types.get("optional", {})}
+    problems = []
+    for name, value in values.items():
+        if name not in spec or value is None:
+            continue
+        kind, info = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {}) or {}
+        if kind in ("FLOAT", "INT"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"'{name}' must be a number, got {value!r}")
+            elif not math.isfinite(value):
+                problems.append(f"'{name}' is {value}: use a finite number"
+                                + (f" between {info['min']} and {info['max']}" if "min" in info and "max" in info else ""))
+            elif "min" in info and value < info["min"]:
+                problems.append(f"'{name}' is {value}, below its minimum {info['min']}")
+            elif "max" in info and value > info["max"]:
+                problems.append(f"'{name}' is {value}, above its maximum {info['max']}")
+            elif kind == "INT" and int(value) != value:
+                problems.append(f"'{name}' must be a whole number, got {value}")
+        elif kind == "COMBO":
+            options = info.get("options", [])
+            if value not in options:
+                shown = ", ".join(repr(o) for o in options[:8]) + (", ..." if len(options) > 8 else "")
+                problems.append(f"'{name}' is {value!r}, not one of the choices ({shown or 'none available'})"
+                                + ("; put the file into the model folder and refresh" if "/" in str(value)
+                                   or "." in str(value) else ""))
+        elif kind == "BOOLEAN" and not isinstance(value, bool):
+            problems.append(f"'{name}' must be true or false, got {value!r}")
+        elif kind == "STRING" and not isinstance(value, str):
+            problems.append(f"'{name}' must be text, got {value!r}")
+    return True if not problems else "; ".join(problems)
+
 
 FaceRecognizerType = io.Custom("FACE_RECOGNIZER")
 ObjectiveType = io.Custom("PROTECT_OBJECTIVE")
@@ -58,7 +111,11 @@ def image_to_bchw(image: Tensor, input_name: str = "image") -> Tensor:
         )
     if channels != 3:
         raise ValueError(f"'{input_name}' has {channels} channels; an RGB IMAGE has 3.")
-    return image.movedim(-1, 1).float().clone()
+    out = image.movedim(-1, 1).float().clone()
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"'{input_name}' contains NaN or infinite pixel values: the node upstream produced a "
+                         "broken image. Fix or replace it; nothing can be protected or scored on it.")
+    return out
 
 
 def bchw_to_image(x: Tensor) -> Tensor:

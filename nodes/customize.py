@@ -37,7 +37,7 @@ from comfy_api.latest import io
 from ..kernels.encoder import pad_to_multiple
 from ..kernels.lora import (FineTuneConfig, check_rank_alpha, fine_tune, inject_lora, lora_factors,
                             lora_parameters, lora_targets)
-from .common import CATEGORY, image_to_bchw, mask_to_b1hw
+from .common import Node, CATEGORY, image_to_bchw, mask_to_b1hw
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, model_family
 
 NODE_CATEGORY = f"{CATEGORY}/attacker"
@@ -201,7 +201,7 @@ class _TrainingProgress:
                          ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
 
 
-class ImmunizeLoRAFineTune(io.ComfyNode):
+class ImmunizeLoRAFineTune(Node):
     """DreamBooth-LoRA fine-tuning: the mimic's customisation step.
 
     How it differs from core's ``TrainLoraNode``: that node regresses the denoised latent x̂₀
@@ -339,7 +339,7 @@ def edit_image(model: Any, vae: Any, image: Tensor, positive: Any, negative: Any
     return out[:, :h, :w, :3].contiguous()
 
 
-class ImmunizeEditImage(io.ComfyNode):
+class ImmunizeEditImage(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from torch import Tensor
 
 from .attention import AttentionCapture, attn2_keys
-from .common import ObjectiveType, image_to_bchw
+from .common import Node, ObjectiveType, image_to_bchw
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
 
 CATEGORY = "Immunize/objectives"
@@ -141,7 +141,7 @@ class ComfyAttentionMaskObjective:
 # --------------------------------------------------------------------------- node
 
 
-class ImmunizeAttentionMaskGuidance(io.ComfyNode):
+class ImmunizeAttentionMaskGuidance(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

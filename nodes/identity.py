@@ -5,11 +5,11 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..kernels.identity import IdentityObjective
-from .common import CATEGORY, FaceRecognizerType, ObjectiveType
+from .common import Node, CATEGORY, FaceRecognizerType, ObjectiveType
 from .loaders import as_image_encoder
 
 
-class IdentityLoss(io.ComfyNode):
+class IdentityLoss(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

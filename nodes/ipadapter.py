@@ -32,7 +32,7 @@ from ..kernels.clip import ImageEncoder
 from ..kernels.ipadapter import IPAdapter, IPLayer, attention, family_of, load_ipadapter
 from ..kernels.modules import grad_ready
 from .attention import AttnFn, AttnKey, add_attn2_patches, comfy_attention
-from .common import CATEGORY, ObjectiveType, register_model_folders
+from .common import Node, CATEGORY, ObjectiveType, register_model_folders
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder, model_family
 from .loaders import OpenClipVision, as_image_encoder
 
@@ -391,7 +391,7 @@ class ComfyIdentityBridgeObjective:
 # --------------------------------------------------------------------------- nodes
 
 
-class ImmunizeLoadIPAdapter(io.ComfyNode):
+class ImmunizeLoadIPAdapter(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -419,7 +419,7 @@ class ImmunizeLoadIPAdapter(io.ComfyNode):
         return io.NodeOutput(load_ipadapter(path))
 
 
-class ImmunizeIdentityBridge(io.ComfyNode):
+class ImmunizeIdentityBridge(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -470,7 +470,7 @@ class ImmunizeIdentityBridge(io.ComfyNode):
         return io.NodeOutput(tuple(objective or ()) + (new,))
 
 
-class ImmunizeApplyIPAdapter(io.ComfyNode):
+class ImmunizeApplyIPAdapter(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

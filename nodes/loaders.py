@@ -14,7 +14,7 @@ import folder_paths
 from ..kernels.clip import ImageEncoder
 from ..kernels.modules import load_state_dict_file
 from ..kernels.recognizers import load_face_recognizer
-from .common import CATEGORY, MODEL_FOLDERS, FaceRecognizerType, register_model_folders
+from .common import Node, CATEGORY, MODEL_FOLDERS, FaceRecognizerType, register_model_folders
 
 register_model_folders()
 
@@ -26,7 +26,7 @@ def _recognizer_files() -> list[str]:
     return files
 
 
-class LoadFaceRecognizer(io.ComfyNode):
+class LoadFaceRecognizer(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -86,7 +86,7 @@ def _open_clip_architectures() -> list[str]:
     return open_clip.list_models()
 
 
-class LoadOpenCLIP(io.ComfyNode):
+class LoadOpenCLIP(Node):
     @classmethod
     def define_schema(cls):
         archs = _open_clip_architectures()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..kernels.pgd import PGDConfig, protect
+from ..kernels.pgd import PGDConfig, check_protected, protect
 from ..kernels.report import ProtectionReport
-from .common import (CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
+from .common import (Node, CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
                      mask_to_b1hw, protect_outputs)
 
 
-class PGDProtect(io.ComfyNode):
+class PGDProtect(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -21,18 +21,22 @@ class PGDProtect(io.ComfyNode):
             description=(
                 "Adds an imperceptible perturbation that minimises the chained objectives with "
                 "projected gradient descent. Each objective's gradient is L2-normalised before the "
-                "weighted sum. The result stays within ε of the original even after saving as 8-bit PNG."
+                "weighted sum. The result stays within ε of the original even after saving as 8-bit PNG. "
+                "It fails with an error, never returning the input, when the result is not protected "
+                "(unchanged, non-finite, or an objective's loss became NaN)."
             ),
             inputs=[
                 io.Image.Input("image", tooltip="Image(s) to protect; any size, any batch."),
                 ObjectiveType.Input("objective", tooltip="What to optimise: chain objective nodes (Identity Loss, ...)."),
-                io.Float.Input("epsilon", default=8.0, min=0.0, max=64.0, step=0.5,
-                               tooltip="Budget in 8-bit steps (/255): the largest change of any pixel value (L∞), "
-                                       "or the RMS change (L2). 8 is the usual invisible-ish budget."),
+                io.Float.Input("epsilon", default=8.0, min=1.0, max=32.0, step=0.5,
+                               tooltip="Budget in 8-bit steps (/255), 1–32: the largest change of any pixel value "
+                                       "(L∞), or the RMS change (L2). 8 is the usual invisible-ish budget; above 16 "
+                                       "the change shows."),
                 io.Float.Input("step", default=1.275, min=0.01, max=16.0, step=0.005,
                                tooltip="Step size in /255 per iteration (IDGuardian: 0.005 = 1.275/255)."),
-                io.Int.Input("iterations", default=200, min=0, max=5000,
-                             tooltip="Maximum PGD iterations (IDGuardian: ≤200)."),
+                io.Int.Input("iterations", default=200, min=1, max=5000,
+                             tooltip="Maximum PGD iterations (IDGuardian: ≤200). At least 1: zero steps "
+                                     "would return the unprotected image."),
                 io.Combo.Input("norm", options=["Linf", "L2"], default="Linf",
                                tooltip="Budget norm. L2 treats epsilon as the RMS change per pixel value."),
                 io.Boolean.Input("early_stop", default=True,
@@ -62,6 +66,8 @@ class PGDProtect(io.ComfyNode):
                              callback=Progress(cfg.iterations))
         protected = result.protected.cpu()
         clean = clean.cpu()
+        # never a false "protected": finite, within ε on the 8-bit grid, changed in every image
+        check_protected(clean, protected, cfg.eps, cfg.norm, None if m is None else m.cpu())
         view = (0.5 + (protected - clean) / (2 * cfg.eps)).clamp(0, 1)
         report = ProtectionReport(clean=clean, protected=protected, result=result)
         return io.NodeOutput(bchw_to_image(protected), bchw_to_image(view), report)

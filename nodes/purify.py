@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..kernels import purify as K
 from ..kernels.encoder import pad_to_multiple
-from .common import Progress, bchw_to_image, device, image_to_bchw
+from .common import Node, Progress, bchw_to_image, device, image_to_bchw
 
 CATEGORY = "Immunize/purify"
 
@@ -137,7 +137,7 @@ def _diffusion_inputs(strength_default: float, steps_default: int, strength_tip:
 # --------------------------------------------------------------------------- signal processing
 
 
-class ImmunizePurifyJPEG(io.ComfyNode):
+class ImmunizePurifyJPEG(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -158,7 +158,7 @@ class ImmunizePurifyJPEG(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(K.jpeg(image_to_bchw(image), int(quality))))
 
 
-class ImmunizePurifyGaussianBlur(io.ComfyNode):
+class ImmunizePurifyGaussianBlur(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -182,7 +182,7 @@ class ImmunizePurifyGaussianBlur(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(K.gaussian_blur(x, float(sigma), int(kernel_size))))
 
 
-class ImmunizePurifyResizeDownUp(io.ComfyNode):
+class ImmunizePurifyResizeDownUp(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -206,7 +206,7 @@ class ImmunizePurifyResizeDownUp(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(K.resize_down_up(x, float(factor), mode)))
 
 
-class ImmunizePurifyGaussianNoise(io.ComfyNode):
+class ImmunizePurifyGaussianNoise(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -230,7 +230,7 @@ class ImmunizePurifyGaussianNoise(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(K.gaussian_noise(x, float(sigma), int(seed))))
 
 
-class ImmunizePurifyAdverseCleaner(io.ComfyNode):
+class ImmunizePurifyAdverseCleaner(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -280,7 +280,7 @@ class ImmunizePurifyAdverseCleaner(io.ComfyNode):
 # --------------------------------------------------------------------------- model-based
 
 
-class ImmunizePurifyVAERoundTrip(io.ComfyNode):
+class ImmunizePurifyVAERoundTrip(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -303,7 +303,7 @@ class ImmunizePurifyVAERoundTrip(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(vae_round_trip(vae, image_to_bchw(image))))
 
 
-class ImmunizePurifySDEdit(io.ComfyNode):
+class ImmunizePurifySDEdit(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -334,7 +334,7 @@ class ImmunizePurifySDEdit(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(out))
 
 
-class ImmunizePurifyGrIDPure(io.ComfyNode):
+class ImmunizePurifyGrIDPure(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -391,7 +391,7 @@ class ImmunizePurifyGrIDPure(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(out.clamp(0, 1)))
 
 
-class ImmunizePurifyNoisyUpscale(io.ComfyNode):
+class ImmunizePurifyNoisyUpscale(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -429,7 +429,7 @@ class ImmunizePurifyNoisyUpscale(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(up.clamp(0, 1)))
 
 
-class ImmunizePurifyIMPRESS(io.ComfyNode):
+class ImmunizePurifyIMPRESS(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

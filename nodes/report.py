@@ -11,11 +11,11 @@ from comfy_api.latest import io, ui
 import folder_paths
 
 from ..kernels.identity import IdentityObjective
-from .common import CATEGORY, FaceRecognizerType, ReportType
+from .common import Node, CATEGORY, FaceRecognizerType, ReportType
 from .loaders import as_image_encoder
 
 
-class ProtectionReportNode(io.ComfyNode):
+class ProtectionReportNode(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

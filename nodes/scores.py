@@ -13,7 +13,7 @@ import folder_paths
 from ..kernels.brisque import BRISQUE_ENV, find_brisque_model
 from ..kernels.lpips import LPIPS_ENV, find_lpips
 from ..kernels.scores import Scores, render_scores, score_edit, score_identity, score_quality
-from .common import CATEGORY, FaceRecognizerType, image_to_bchw, mask_to_b1hw
+from .common import Node, CATEGORY, FaceRecognizerType, image_to_bchw, mask_to_b1hw
 
 ScoresType = io.Custom("PROTECT_SCORES")
 
@@ -46,7 +46,7 @@ def _local_path(path: str, what: str) -> str:
     raise ValueError(f"'{what}': {path!r} not found (absolute, or relative to {folder_paths.models_dir}).")
 
 
-class ScoreIdentity(io.ComfyNode):
+class ScoreIdentity(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -79,7 +79,7 @@ class ScoreIdentity(io.ComfyNode):
         return io.NodeOutput(_append(scores, row))
 
 
-class ScoreQuality(io.ComfyNode):
+class ScoreQuality(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -118,7 +118,7 @@ class ScoreQuality(io.ComfyNode):
         return io.NodeOutput(_append(scores, row))
 
 
-class ScoreEdit(io.ComfyNode):
+class ScoreEdit(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -149,7 +149,7 @@ class ScoreEdit(io.ComfyNode):
         return io.NodeOutput(_append(scores, score_edit(_label(label), a, b, m)))
 
 
-class ScoreReport(io.ComfyNode):
+class ScoreReport(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

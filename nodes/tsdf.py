@@ -15,13 +15,14 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..kernels.detector import MODES, DetectorPoisonObjective, MTCNNDetector, detect_boxes, face_mask
+from ..kernels.pgd import check_protected
 from ..kernels.report import ProtectionReport
 from ..kernels.tsdf import (
     Deferred, DiffusionEdit, ImagePromptGeneration, InterruptionObjective, TwoStageConfig, crop_faces, ddim_timesteps,
     format_persistence, format_scores, persistence_score_rows, persistence_scores, random_sign_noise,
     tsdf_score_row, tsdf_scores, two_stage_protect,
 )
-from .common import (CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
+from .common import (Node, CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
                      mask_to_b1hw, protect_outputs)
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
 from .ipadapter import IPAdapterType, check_clip_vision_fits, check_ipadapter_fits, private_ip_parts
@@ -159,7 +160,7 @@ class ComfyIPInterruptionObjective:
         return self.build().bind(clean.clone())
 
 
-class ImmunizeInterruptionObjective(io.ComfyNode):
+class ImmunizeInterruptionObjective(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -205,7 +206,7 @@ class ImmunizeInterruptionObjective(io.ComfyNode):
         return io.NodeOutput(_chain(objective, new))
 
 
-class ImmunizeIPInterruptionObjective(io.ComfyNode):
+class ImmunizeIPInterruptionObjective(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -245,7 +246,7 @@ class ImmunizeIPInterruptionObjective(io.ComfyNode):
         return io.NodeOutput(_chain(objective, new))
 
 
-class ImmunizeDetectorPoisonObjective(io.ComfyNode):
+class ImmunizeDetectorPoisonObjective(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -282,7 +283,7 @@ class ImmunizeDetectorPoisonObjective(io.ComfyNode):
         return io.NodeOutput(_chain(objective, new))
 
 
-class ImmunizeTwoStageProtect(io.ComfyNode):
+class ImmunizeTwoStageProtect(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -301,9 +302,9 @@ class ImmunizeTwoStageProtect(io.ComfyNode):
                                     "Objective): what the forgery should be disrupted by."),
                 ObjectiveType.Input("poison", tooltip="The poisoning objective(s) (Detector Poison "
                                     "Objective): what should break the attacker's data preparation."),
-                io.Float.Input("epsilon", default=8.0, min=1.0, max=64.0, step=0.5,
-                               tooltip="Final budget in 8-bit steps (/255): the largest change of any pixel."),
-                io.Float.Input("inner_epsilon", default=8.0, min=1.0, max=64.0, step=0.5,
+                io.Float.Input("epsilon", default=8.0, min=1.0, max=32.0, step=0.5,
+                               tooltip="Final budget in 8-bit steps (/255), 1–32: the largest change of any pixel."),
+                io.Float.Input("inner_epsilon", default=8.0, min=1.0, max=32.0, step=0.5,
                                tooltip="Stage 2's search budget (/255) around the stage-1 image; may exceed "
                                        "what is left of epsilon: the sum is clipped and refined."),
                 io.Float.Input("interruption_strength", default=0.5, min=0.05, max=1.0, step=0.05,
@@ -351,12 +352,14 @@ class ImmunizeTwoStageProtect(io.ComfyNode):
                                     None if m is None else m.to(dev), callback=Progress(total))
         protected = res.protected.cpu()
         clean = clean.cpu()
+        # never a false "protected": finite, within ε on the 8-bit grid, changed in every image
+        check_protected(clean, protected, cfg.eps, "linf", None if m is None else m.cpu())
         view = (0.5 + (protected - clean) / (2 * cfg.eps)).clamp(0, 1)
         report = ProtectionReport(clean=clean, protected=protected, result=res.result)
         return io.NodeOutput(bchw_to_image(protected), bchw_to_image(view), report)
 
 
-class ImmunizeScoreTSDF(io.ComfyNode):
+class ImmunizeScoreTSDF(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -404,7 +407,7 @@ class ImmunizeScoreTSDF(io.ComfyNode):
         return io.NodeOutput(summary, _append(scores, tsdf_score_row(name, result)), ui={"text": [summary]})
 
 
-class ImmunizeDetectorCrop(io.ComfyNode):
+class ImmunizeDetectorCrop(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -451,7 +454,7 @@ class ImmunizeDetectorCrop(io.ComfyNode):
         return io.NodeOutput(bchw_to_image(crops), k, n - k, summary, ui={"text": [summary]})
 
 
-class ImmunizeTSDFPersistence(io.ComfyNode):
+class ImmunizeTSDFPersistence(Node):
     @classmethod
     def define_schema(cls):
         return io.Schema(

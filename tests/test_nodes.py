@@ -255,3 +255,49 @@ def test_cancel_stops_between_steps(env, fixtures, recognizer):
             _pgd(env, img, obj, iterations=50)
     finally:
         mm.interrupt_current_processing(False)
+
+
+def test_pgd_protect_never_returns_an_unprotected_image_as_success(env, fixtures, recognizer):
+    """The cases that used to come back with a success status and the input's pixels."""
+    from immunize.kernels.errors import EmptyBatchError, ProtectionFailed
+
+    img = _photo(fixtures)
+    obj = _identity(env, recognizer=recognizer)
+    with pytest.raises(ProtectionFailed, match="no pixel to change"):
+        _pgd(env, img, obj, mask=torch.zeros(1, 256, 256))
+    # Load Image's MASK of a cut-out portrait is 1 outside the face only: the recogniser's
+    # gradient never reaches pixels there far from the face, so nothing may change
+    cutout = torch.zeros(1, 256, 256)
+    cutout[:, :8, :8] = 1.0
+    with pytest.raises(ProtectionFailed, match=r"image\(s\) \[0\] came out unchanged.*mask"):
+        _pgd(env, img, obj, mask=cutout, iterations=3)
+    with pytest.raises(ProtectionFailed, match="came out unchanged"):  # run directly: the node refuses it at queue time
+        _pgd(env, img, obj, iterations=0)
+    with pytest.raises(ValueError, match="step must be a finite number"):
+        _pgd(env, img, obj, step=float("nan"))
+    with pytest.raises(ValueError, match="NaN or infinite pixel"):
+        _pgd(env, img * float("nan"), obj)
+    with pytest.raises(EmptyBatchError, match="empty"):
+        _pgd(env, img[:0], obj)
+
+
+def test_bad_widget_values_fail_at_queue_time(env):
+    """validate_inputs (what ComfyUI runs when a prompt is queued) names every bad widget value,
+    including the ones ComfyUI's own min/max check lets through (NaN, V3 combos)."""
+    v = env.protect.PGDProtect.validate_inputs
+    good = dict(epsilon=8.0, step=1.275, iterations=200, norm="Linf", early_stop=True, random_start=False, seed=0,
+                image=None, objective=None)
+    assert v(**good) is True
+    for bad, message in [({"epsilon": 0.5}, "'epsilon' is 0.5, below its minimum 1.0"),
+                         ({"epsilon": 40.0}, "'epsilon' is 40.0, above its maximum 32.0"),
+                         ({"step": float("nan")}, "'step' is nan: use a finite number"),
+                         ({"epsilon": float("inf")}, "'epsilon' is inf"),
+                         ({"iterations": 0}, "'iterations' is 0, below its minimum 1"),
+                         ({"iterations": 2.5}, "'iterations' must be a whole number"),
+                         ({"norm": "L3"}, "'norm' is 'L3', not one of the choices ('Linf', 'L2')"),
+                         ({"early_stop": "yes"}, "'early_stop' must be true or false"),
+                         ({"seed": "7"}, "'seed' must be a number")]:
+        assert message in v(**{**good, **bad}), bad
+    missing = env.loaders.LoadFaceRecognizer.validate_inputs(recognizer_name="face_recognition/nothing.bin")
+    assert "'recognizer_name' is 'face_recognition/nothing.bin', not one of the choices" in missing
+    assert "refresh" in missing

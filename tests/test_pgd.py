@@ -233,3 +233,112 @@ def test_init_continues_from_a_given_perturbation():
         protect(clean, [PullTo(target)], PGDConfig(iterations=1, random_start=True, **cfg), init=start)
     with pytest.raises(ValueError, match="init"):
         protect(clean, [PullTo(target)], PGDConfig(iterations=1, **cfg), init=start[..., :4])
+
+
+# --- never a false "protected" -----------------------------------------------------------------
+
+from immunize.kernels.errors import EmptyBatchError, ImmunizeError, ProtectionFailed  # noqa: E402
+from immunize.kernels.pgd import check_protected  # noqa: E402
+
+
+class NaNAfter:
+    """An objective whose loss turns NaN at a given step (a model overflowing in fp16)."""
+
+    name, weight = "nan", 1.0
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def bind(self, clean):
+        def f(x):
+            self.calls += 1
+            d = (x - 1).pow(2).flatten(1).mean(1)
+            return ObjectiveOutput(loss=d * float("nan") if self.calls > self.at else d)
+        return f
+
+
+@pytest.mark.parametrize("at", [0, 3])
+def test_nan_loss_stops_with_an_error_naming_objective_and_step(at):
+    with pytest.raises(ProtectionFailed, match=rf"objective 'nan'.*non-finite loss.*step {at}"):
+        protect(_img(), [NaNAfter(at)], PGDConfig(iterations=10))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixels_and_settings_are_refused_before_work(bad):
+    clean = _img()
+    broken = clean.clone()
+    broken[0, 1, 2, 3] = bad
+    obj = PullTo(torch.ones_like(clean))
+    with pytest.raises(ValueError, match="NaN or infinite pixel"):
+        protect(broken, [obj], PGDConfig(iterations=2))
+    for field in ("eps", "step"):
+        with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+            protect(clean, [obj], PGDConfig(iterations=2, **{field: bad}))
+    mask = torch.ones(1, 1, 24, 20)
+    mask[..., 0, 0] = bad
+    with pytest.raises(ValueError, match="mask contains NaN"):
+        protect(clean, [obj], PGDConfig(iterations=2), mask=mask)
+
+
+def test_budget_below_one_8bit_step_and_above_32_is_refused():
+    obj = PullTo(torch.ones(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="below one 8-bit step"):
+        protect(torch.zeros(1, 3, 4, 4), [obj], PGDConfig(eps=0.5 / 255))
+    with pytest.raises(ValueError, match=r"\(0, 32/255\]"):
+        protect(torch.zeros(1, 3, 4, 4), [obj], PGDConfig(eps=33 / 255))
+
+
+def test_empty_batch_and_empty_mask_say_what_happened_upstream():
+    obj = PullTo(torch.ones(1, 3, 8, 8))
+    with pytest.raises(EmptyBatchError, match="empty.*Detector Crop"):
+        protect(torch.zeros(0, 3, 8, 8), [obj], PGDConfig(iterations=2))
+    clean = _img(b=2, h=8, w=8)
+    mask = torch.ones(2, 1, 8, 8)
+    mask[1] = 0
+    with pytest.raises(ProtectionFailed, match=r"no pixel to change in image\(s\) \[1\].*Invert Mask"):
+        protect(clean, [obj], PGDConfig(iterations=2), mask=mask)
+
+
+def test_check_protected_accepts_a_real_result_and_reports_what_it_measured():
+    clean = _img()
+    res = protect(clean, [PullTo(torch.ones_like(clean))], PGDConfig(eps=8 / 255, step=2 / 255, iterations=10))
+    measured = check_protected(clean, res.protected, 8 / 255, "linf")
+    assert measured["linf_255"].tolist() == [8.0, 8.0]
+    assert (measured["psnr_db"] > 30).all() and (measured["psnr_db"] < 60).all()
+
+
+def test_check_protected_refuses_every_kind_of_false_success():
+    clean = _img(b=2)
+    good = protect(clean, [PullTo(torch.ones_like(clean))], PGDConfig(eps=8 / 255, step=2 / 255,
+                                                                        iterations=10)).protected
+    with pytest.raises(ProtectionFailed, match=r"image\(s\) \[0, 1\] came out unchanged.*NOT protected"):
+        check_protected(clean, torch.round(clean * 255) / 255, 8 / 255, "linf")
+    half = good.clone()
+    half[1] = torch.round(clean[1] * 255) / 255
+    with pytest.raises(ProtectionFailed, match=r"image\(s\) \[1\] came out unchanged"):
+        check_protected(clean, half, 8 / 255, "linf")
+    nan = good.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ProtectionFailed, match="NaN"):
+        check_protected(clean, nan, 8 / 255, "linf")
+    with pytest.raises(ProtectionFailed, match="exceed the budget"):
+        check_protected(clean, good, 7 / 255, "linf")
+    with pytest.raises(ProtectionFailed, match="8-bit grid"):
+        check_protected(clean, (good + 0.3 / 255).clamp(0, 1), 9 / 255, "linf")
+    mask = torch.zeros(1, 1, 24, 20)
+    mask[..., :12, :] = 1
+    with pytest.raises(ProtectionFailed, match="outside the mask"):
+        check_protected(clean, good, 8 / 255, "linf", mask)
+    l2 = protect(clean, [PullTo(torch.ones_like(clean))], PGDConfig(eps=4 / 255, norm="l2", iterations=10))
+    check_protected(clean, l2.protected, 4 / 255, "l2")
+    with pytest.raises(ProtectionFailed, match="exceed the budget"):
+        check_protected(clean, l2.protected, 1 / 255, "l2")
+
+
+def test_errors_show_without_the_install_path():
+    """ComfyUI shows ``module.QualName`` of an exception; the pack's modules are named after
+    its install folder, so its errors say plain ``immunize``."""
+    from immunize.kernels.identity import NoFaceError
+
+    for cls in (ImmunizeError, ProtectionFailed, EmptyBatchError, NoFaceError):
+        assert cls.__module__ == "immunize" and issubclass(cls, ValueError)
