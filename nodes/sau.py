@@ -545,7 +545,7 @@ class ImmunizeBackdoorScan(io.ComfyNode):
                                tooltip="Classifier-free guidance scale (1 = no guidance, faster)."),
                 *_size_inputs(512),
                 _placement_input(),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="First noise seed; seeds seed, seed+1, … are used."),
                 io.Vae.Input("vae", optional=True, tooltip="Optional: decode the grid with this VAE "
                              "(without it the grid is a latent preview)."),
@@ -604,7 +604,7 @@ class ImmunizeSpatialAttentionUnlearning(io.ComfyNode):
                 io.Float.Input("cfg", default=5.0, min=1.0, max=20.0, step=0.5,
                                tooltip="Guidance scale of the replay-pool generations."),
                 _placement_input(),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the LoRA init, the pool noise and the training draws."),
                 io.String.Input("lora_prefix", default="immunize/sau_cleaned",
                                 tooltip="File name prefix of the LoRA in models/loras (load it "
