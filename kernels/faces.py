@@ -155,7 +155,7 @@ def align_faces(
 
     images: ``[B,C,H,W]`` float in [0,1]; faces: ``B`` :class:`FaceSet` (from
     :func:`detect_faces` on the clean image); template: ``[5,2]`` landmark positions in chip
-    pixels; size: chip side in pixels.
+    pixels, or ``[N,5,2]``, one per face (image order, then face order); size: chip side in pixels.
     Returns ``chips`` ``[N,C,size,size]`` (N = total faces, image order then face order) and
     ``owner`` ``[N]`` long, the image index of each chip. Differentiable w.r.t. ``images``;
     device and dtype follow ``images``. Outside the image the chip is black (zeros padding).
@@ -175,14 +175,20 @@ def align_faces(
     B, C, H, W = images.shape
     dev, dt = images.device, images.dtype
     work = torch.float64  # transforms composed in float64, cast for the grid
-    tmpl = torch.as_tensor(template).to(torch.float64).reshape(5, 2).cpu()
+    tmpl = torch.as_tensor(template).to(torch.float64).cpu()
+    per_face = tmpl.dim() == 3
+    if not per_face:
+        tmpl = tmpl.reshape(5, 2)
+    elif tmpl.shape[0] != sum(len(fs) for fs in faces):
+        raise ValueError(f"got {tmpl.shape[0]} templates for {sum(len(fs) for fs in faces)} faces")
     chip_to_norm_inv = torch.linalg.inv(_pixel_to_norm(size, size, work, "cpu"))
 
     chips, owner = [], []
     pooled_cache: dict[tuple[int, int], Tensor] = {}
     for b, fs in enumerate(faces):
         for f in range(len(fs)):
-            m = similarity_transform(fs.landmarks[f].to(torch.float64).cpu(), tmpl)  # image -> chip
+            dst = tmpl[len(chips)] if per_face else tmpl
+            m = similarity_transform(fs.landmarks[f].to(torch.float64).cpu(), dst)  # image -> chip
             k = 1.0 / math.sqrt(abs(float(torch.linalg.det(m[:, :2]))))  # image px per chip px
             p = int(math.floor(k)) if (antialias and k >= 2.0) else 1
             if p > 1:

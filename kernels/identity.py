@@ -27,6 +27,18 @@ U(−j, j) chip pixels per landmark (expectation over transformations; j = ``ali
 so the perturbation keeps working under small shifts, scalings and rotations of the crop.
 Numbers logged without gradient (the final report) use the exact template.
 
+Transfer to recognisers left out of the attack (measured in ``bench/bench_transfer.py``):
+  * an ensemble of every connected recogniser, each scored by its own rule;
+  * input diversity (``diversity`` > 0, :mod:`kernels.diversity`): each step every recogniser
+    sees the face through a random crop scale, shift, rotation and down-up resize, so the
+    perturbation cannot lean on one crop geometry;
+  * a saturating loss: each recogniser's term is s_k = 1 − min(d_k/τ_k, m), with m the early-stop
+    margin, so once a recogniser is fooled beyond its margin on a view its gradient stops and
+    the steps go to the recognisers (and views) that are fooled least. For centred recognisers
+    d = 1 − cos, so s is an affine function of the paper's cosine below the cap;
+  * early stop only when every recogniser has been past its margin on ``stop_patience``
+    consecutive random views, not on one lucky view.
+
 Early stop ("reached"): every face of the image is judged a different person by every
 recogniser with a margin, d ≥ stop_margin · τ (stop_margin = 1.5 → d ≥ 0.9 for dlib, beyond
 the typical different-person distance). Objectives with CLIP encoders only have no target.
@@ -42,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import NoFaceError  # noqa: F401  (re-exported: callers import it from here)
+from .diversity import Diversity
 from .faces import align_faces, detect_faces
 from .modules import grad_ready
 from .pgd import BoundObjective, ObjectiveOutput
@@ -67,7 +80,10 @@ class IdentityObjective:
     weight: the objective's weight when chained with others in PGD;
     stop_margin: early-stop target in units of each recogniser's threshold (0 disables it);
     min_face_prob: MTCNN detection confidence a face needs;
-    align_jitter: landmark jitter in chip pixels during optimisation (0 disables it).
+    align_jitter: landmark jitter in chip pixels during optimisation (0 disables it);
+    diversity: strength of the random view (:class:`kernels.diversity.Diversity`; 0 disables it);
+    stop_patience: consecutive optimisation steps on which every recogniser must be past its
+    margin before ``reached`` (early stop) is reported.
     """
 
     recognizers: Sequence[nn.Module] = ()
@@ -76,6 +92,8 @@ class IdentityObjective:
     stop_margin: float = 1.5
     min_face_prob: float = 0.9
     align_jitter: float = 2.0
+    diversity: float = 0.0
+    stop_patience: int = 1
     seed: int = 0
     name: str = "identity"
     faces: list = field(default=None, repr=False)  # set by bind, kept for reports
@@ -118,27 +136,43 @@ class IdentityObjective:
             clean_emb = [e(clean) for e in encs]
 
         gen = torch.Generator().manual_seed(self.seed)
+        view = Diversity(strength=float(self.diversity))
+        n_faces = sum(len(f) for f in faces) if faces is not None else 0
+        cap = self.stop_margin if self.stop_margin > 0 else float("inf")
+        streak = torch.zeros(batch, dtype=torch.long, device=device)  # consecutive steps past the margin
 
         def template(r) -> Tensor:
             t = r.template
-            if self.align_jitter > 0 and torch.is_grad_enabled():
+            if not torch.is_grad_enabled():
+                return t.to(device)  # the report's numbers: the exact template
+            if view.active:
+                t = view.templates(t, r.chip_size, n_faces, gen)
+            if self.align_jitter > 0:
                 t = t + (torch.rand(t.shape, generator=gen) * 2 - 1) * self.align_jitter
             return t.to(device)
 
         def evaluate(x_adv: Tensor) -> ObjectiveOutput:
+            nonlocal streak
+            training = torch.is_grad_enabled()
             loss = torch.zeros(batch, device=device)
             logs: dict[str, Tensor] = {}
             reached = torch.ones(batch, dtype=torch.bool, device=device)
             for r, (d0, owner) in zip(recs, clean_desc):
                 chips, _ = align_faces(x_adv, faces, template(r), r.chip_size)
+                if training:
+                    chips = view.resize_chips(chips, gen)
                 d = r(chips)
                 dist = r.distance(d, d0)
+                # saturating: past the margin this recogniser's view gives no more gradient
+                loss = loss + _per_image(1.0 - (dist / r.threshold).clamp(max=cap), owner, batch)
                 sim = F.cosine_similarity(d, d0, dim=-1) if r.centred else 1.0 - dist / r.threshold
-                loss = loss + _per_image(sim, owner, batch)
                 logs[f"{r.name}/similarity"] = _per_image(sim.detach(), owner, batch)
                 min_dist = _per_image(dist.detach(), owner, batch, reduce="amin")
                 logs[f"{r.name}/distance"] = min_dist
                 reached &= min_dist >= self.stop_margin * r.threshold
+            if training and recs:
+                streak = torch.where(reached, streak + 1, torch.zeros_like(streak))
+                reached = streak >= max(1, int(self.stop_patience))
             for e, e0 in zip(encs, clean_emb):
                 sim = F.cosine_similarity(e(x_adv), e0, dim=-1)
                 loss = loss + sim

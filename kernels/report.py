@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from . import metrics
 from .pgd import PGDResult
+from .verdict import WHITE_BOX, verdict_lines
 
 
 @dataclass
@@ -27,6 +29,12 @@ class ProtectionReport:
     protected: Tensor  # [B,3,H,W] in [0,1], CPU
     result: PGDResult
     extra_logs: dict[str, Tensor] = field(default_factory=dict)  # more [B] numbers (other encoders)
+    attacked: tuple[str, ...] = ()  # names of the networks the protection was optimised against
+    judges: dict[str, str] = field(default_factory=dict)  # more recognisers that scored it → their role
+
+    def verdict(self) -> list[str]:
+        """What the identity numbers can claim: the attacked networks' are white-box (kernels.verdict)."""
+        return verdict_lines({**{a: WHITE_BOX for a in self.attacked}, **self.judges})
 
     @property
     def batch(self) -> int:
@@ -78,6 +86,8 @@ class ProtectionReport:
         rows = self.rows()
         cfg = self.result.config
         data = {
+            "attacked": list(self.attacked),
+            "verdict": self.verdict(),
             "config": {"epsilon_255": cfg.eps * 255, "step_255": cfg.step * 255,
                        "iterations": cfg.iterations, "norm": cfg.norm,
                        "random_start": cfg.random_start, "early_stop": cfg.early_stop, "seed": cfg.seed},
@@ -147,6 +157,8 @@ class ProtectionReport:
                          f"L∞ {r['linf_255']:.0f}/255")
         if len(rows) > 8:
             lines.append(f"... {len(rows) - 8} more in the CSV")
+        for v in self.verdict():
+            lines += [""] + textwrap.wrap(v, 58)
         ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8)
         ax.set_title("image quality")
         fig.tight_layout()

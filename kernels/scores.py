@@ -40,6 +40,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -51,6 +52,7 @@ from torch import Tensor
 
 from . import metrics
 from .faces import FaceSet, align_faces, detect_faces
+from .verdict import gallery_ranks, judge_role, labelled, roles_from_notes, verdict_lines
 
 UNAVAILABLE = "unavailable"  # the CSV cell of a metric that could not be computed
 NOT_MEASURED = "not measured"  # the CSV cell of a metric a row has no score node for
@@ -167,6 +169,10 @@ class Scores:
     def as_dict(self) -> dict:
         return {r.name: r.as_dict() for r in self.rows}
 
+    def verdict(self) -> list[str]:
+        """What the identity numbers can claim, by their judges' roles (kernels.verdict)."""
+        return verdict_lines(roles_from_notes(self.rows))
+
     def table(self, digits: int = 7) -> tuple[list[str], list[list[str]]]:
         """Header and text cells: every cell holds a number, ``unavailable`` or ``not measured``."""
         keys = self.metrics()
@@ -190,7 +196,7 @@ class Scores:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         jpath, cpath = directory / f"{stem}.json", directory / f"{stem}.csv"
-        jpath.write_text(json.dumps({"scores": self.as_dict()}, indent=2,
+        jpath.write_text(json.dumps({"verdict": self.verdict(), "scores": self.as_dict()}, indent=2,
                                     ensure_ascii=False, allow_nan=False))
         header, cells = self.table(digits=7)
         with cpath.open("w", newline="", encoding="utf-8") as f:
@@ -263,31 +269,40 @@ def ism_scores(emb: Tensor, mean_clean: Tensor, recognizer) -> dict[str, Tensor]
     }
 
 
-def score_identity(name: str, generated: Tensor, reference: Tensor, recognizer, min_prob: float = 0.9) -> ScoreRow:
-    """ISM (cosine and the recogniser's rule), distance, same-person rate and FDFR.
+def score_identity(name: str, generated: Tensor, reference: Tensor, recognizer, min_prob: float = 0.9,
+                   attacked: Optional[Iterable[str]] = None, gallery: Optional[Tensor] = None) -> ScoreRow:
+    """ISM (cosine and the recogniser's rule), distance, same-person rate, FDFR and, with a
+    gallery, the identification rank — each labelled with the judge's role (kernels.verdict).
 
-    generated ``[B,3,H,W]`` and reference ``[R,3,H',W']`` RGB in [0, 1]; recognizer a
-    :class:`kernels.recognizers.FaceRecognizer`. Keys: ``fdfr``, ``faces_detected``,
-    ``faces_missing`` and, prefixed with the recogniser's name, ``/ism_cosine``, ``/ism_rule``,
-    ``/distance``, ``/same_person_rate`` (see the module docstring).
+    generated ``[B,3,H,W]`` and reference ``[R,3,H',W']`` RGB in [0, 1] (reference: the person's
+    clean photos — their *other* photos for a verdict on identity reuse); recognizer a
+    :class:`kernels.recognizers.FaceRecognizer`, the judge; attacked: names of the models the
+    protection was optimised against (None: unknown); gallery ``[G,3,H'',W'']``: photos of
+    other people, one identity each. Keys: ``fdfr``, ``faces_detected``, ``faces_missing`` and,
+    prefixed with ``"<judge> [<role>]/"``, ``ism_cosine``, ``ism_rule``, ``distance``,
+    ``same_person_rate`` and, with a gallery, ``rank1_rate`` and ``mean_rank``.
     """
     mean_clean = clean_identity(reference, recognizer, min_prob)
     failed, faces = face_detection_failures(generated, min_prob)
     emb, owner = embed_faces(generated, faces, recognizer)
     b = generated.shape[0]
+    role = judge_role(recognizer.name, attacked)
     row = ScoreRow(name)
     row.set("fdfr", failed.float().mean(), per_image=failed.float().tolist())
     row.set("faces_detected", int((~failed).sum()))
     row.set("faces_missing", int(failed.sum()))
     row.notes["face_detector"] = f"MTCNN (facenet-pytorch), confidence ≥ {min_prob}, largest face per image"
+    row.notes[f"judge: {recognizer.name}"] = role
     row.notes[f"{recognizer.name}"] = (
         f"metric {recognizer.metric}, same person iff distance < {recognizer.threshold}; "
         f"{'centred' if recognizer.centred else 'uncentred (use ism_rule)'}; reference: mean of "
-        f"{reference.shape[0]} clean photo(s)")
-    prefix = f"{recognizer.name}/"
+        f"{reference.shape[0]} clean photo(s); role: {role}")
+    prefix = labelled(recognizer.name, role) + "/"
+    keys = ["ism_cosine", "ism_rule", "distance", "same_person_rate"] + (["rank1_rate", "mean_rank"]
+                                                                          if gallery is not None else [])
     if emb.shape[0] == 0:
         reason = f"no face detected in any of the {b} generated image(s)"
-        for k in ("ism_cosine", "ism_rule", "distance", "same_person_rate"):
+        for k in keys:
             row.set(prefix + k, None, reason)
         return row
     m = ism_scores(emb, mean_clean, recognizer)
@@ -302,7 +317,19 @@ def score_identity(name: str, generated: Tensor, reference: Tensor, recognizer, 
     row.set(prefix + "ism_cosine", cos.mean(), per_image=per_image(cos))
     row.set(prefix + "ism_rule", rule.mean(), per_image=per_image(rule))
     row.set(prefix + "distance", dist.mean(), per_image=per_image(dist))
-    row.set(prefix + "same_person_rate", same.mean())
+    row.set(prefix + "same_person_rate", same.mean(), per_image=per_image(same))
+    if gallery is not None:
+        g_failed, g_faces = face_detection_failures(gallery, min_prob)
+        g_emb, _ = embed_faces(gallery, g_faces, recognizer)
+        if g_emb.shape[0] == 0:
+            for k in ("rank1_rate", "mean_rank"):
+                row.set(prefix + k, None, f"no face detected in any of the {gallery.shape[0]} gallery image(s)")
+        else:
+            ranks = gallery_ranks(emb, mean_clean, g_emb, recognizer.distance).float()
+            row.set(prefix + "rank1_rate", (ranks == 1).float().mean(), per_image=per_image(ranks == 1))
+            row.set(prefix + "mean_rank", ranks.mean(), per_image=per_image(ranks))
+            row.notes["gallery"] = (f"{int(g_emb.shape[0])} other people (one face per gallery image; "
+                                    f"{int(g_failed.sum())} without a face skipped); rank 1 = still identified")
     return row
 
 
@@ -418,6 +445,7 @@ def score_edit(name: str, edit_clean: Tensor, edit_protected: Tensor, mask: Opti
 # what a protection wants of each metric: "low" / "high" (None: neutral, e.g. counts)
 _WANTS = {
     "ism_cosine": "low", "ism_rule": "low", "distance": "high", "same_person_rate": "low",
+    "rank1_rate": "low", "mean_rank": "high",
     "fdfr": "high", "psnr_db": "high", "ssim": "high", "brisque": "low", "lpips": "low",
     "edit_rms_255": "high", "edit_psnr_db": "low",
     # TSDF (kernels/tsdf.py): interruption distortion, the attacker's detector, persistence
@@ -457,7 +485,7 @@ def render_scores(scores: Scores, width_px: int = 1400, max_metrics: int = 16) -
     keys = [k for k in scores.metrics() if metric_wants(k) is not None][:max_metrics]
     ncols = 4
     nrows_chart = max(1, math.ceil(len(keys) / ncols))
-    table_h = 0.6 + 0.32 * (len(cells) + 1)
+    table_h = 0.6 + 0.32 * (len(cells) + 1) + 0.3 * len(scores.verdict())
     dpi = 100
     fig = plt.figure(figsize=(width_px / dpi, table_h + 2.6 * nrows_chart), dpi=dpi)
     grid = fig.add_gridspec(1 + nrows_chart, ncols, height_ratios=[table_h] + [2.6] * nrows_chart)
@@ -472,7 +500,9 @@ def render_scores(scores: Scores, width_px: int = 1400, max_metrics: int = 16) -
         t.auto_set_font_size(False)
         t.set_fontsize(7)
         t.scale(1, 1.6)
-    ax.set_title("scores  (n/a = unavailable, reason in the CSV/JSON)", fontsize=9)
+    verdict = [textwrap.fill(v, 170) for v in scores.verdict()]
+    ax.set_title("\n".join(verdict + ["scores  (n/a = unavailable, reason in the CSV/JSON)"]), fontsize=9,
+                 color="#000", loc="left" if verdict else "center")
 
     names = scores.names()
     colours = plt.get_cmap("tab10")

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..kernels.pgd import PGDConfig, check_protected, protect
 from ..kernels.report import ProtectionReport
+from ..kernels.verdict import attacked_models
 from .common import (Node, CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
                      mask_to_b1hw, protect_outputs)
 
@@ -69,7 +70,8 @@ class PGDProtect(Node):
         # never a false "protected": finite, within ε on the 8-bit grid, changed in every image
         check_protected(clean, protected, cfg.eps, cfg.norm, None if m is None else m.cpu())
         view = (0.5 + (protected - clean) / (2 * cfg.eps)).clamp(0, 1)
-        report = ProtectionReport(clean=clean, protected=protected, result=result)
+        report = ProtectionReport(clean=clean, protected=protected, result=result,
+                                  attacked=attacked_models(objectives))
         return io.NodeOutput(bchw_to_image(protected), bchw_to_image(view), report)
 
 

@@ -11,6 +11,7 @@ from comfy_api.latest import io, ui
 import folder_paths
 
 from ..kernels.identity import IdentityObjective
+from ..kernels.verdict import UNKNOWN, judge_role
 from .common import Node, CATEGORY, FaceRecognizerType, ReportType
 from .loaders import as_image_encoder
 
@@ -24,8 +25,9 @@ class ProtectionReportNode(Node):
             category=f"{CATEGORY}/report",
             description=(
                 "Renders the loss curve, the identity similarity clean ↔ protected per encoder, PSNR, SSIM and "
-                "L∞ (/255), and writes the numbers as JSON and CSV into the output folder. Connect more encoders "
-                "to check how the protection transfers to models it was not optimised against."
+                "L∞ (/255), and writes the numbers as JSON and CSV into the output folder. The attacked networks' "
+                "numbers are white-box (they show the optimisation worked, not that others are fooled): connect a "
+                "recogniser the protection did not attack to check how it transfers ('held out')."
             ),
             inputs=[
                 ReportType.Input("report", tooltip="The report output of PGD Protect."),
@@ -51,8 +53,12 @@ class ProtectionReportNode(Node):
             )
             with torch.inference_mode(False), torch.no_grad():
                 out = check.bind(report.clean.clone())(report.protected.clone())
-            extra = {f"check/{k}": v.detach().float().cpu() for k, v in out.logs.items()}
-            report = dataclasses.replace(report, extra_logs={**report.extra_logs, **extra})
+            roles = {m.name: judge_role(m.name, report.attacked) for m in check.recognizers}
+            roles.update({e.name: judge_role(e.name, report.attacked) for e in check.image_encoders})
+            extra = {f"check [{roles.get(k.split('/')[0], UNKNOWN)}]/{k}": v.detach().float().cpu()
+                     for k, v in out.logs.items()}
+            report = dataclasses.replace(report, extra_logs={**report.extra_logs, **extra},
+                                         judges={**report.judges, **roles})
 
         out_dir = folder_paths.get_output_directory()
         full_dir, stem, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)

@@ -17,6 +17,7 @@ import folder_paths
 from ..kernels.detector import MODES, DetectorPoisonObjective, MTCNNDetector, detect_boxes, face_mask
 from ..kernels.pgd import check_protected
 from ..kernels.report import ProtectionReport
+from ..kernels.verdict import attacked_models
 from ..kernels.tsdf import (
     Deferred, DiffusionEdit, ImagePromptGeneration, InterruptionObjective, TwoStageConfig, crop_faces, ddim_timesteps,
     format_persistence, format_scores, persistence_score_rows, persistence_scores, random_sign_noise,
@@ -355,7 +356,8 @@ class ImmunizeTwoStageProtect(Node):
         # never a false "protected": finite, within ε on the 8-bit grid, changed in every image
         check_protected(clean, protected, cfg.eps, "linf", None if m is None else m.cpu())
         view = (0.5 + (protected - clean) / (2 * cfg.eps)).clamp(0, 1)
-        report = ProtectionReport(clean=clean, protected=protected, result=res.result)
+        report = ProtectionReport(clean=clean, protected=protected, result=res.result,
+                                  attacked=attacked_models(list(interruption) + list(poison)))
         return io.NodeOutput(bchw_to_image(protected), bchw_to_image(view), report)
 
 

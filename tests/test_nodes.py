@@ -128,11 +128,14 @@ def test_report_node_writes_files_and_chart(env, fixtures, recognizer):
     data = json.loads(next(f for f in files if f.suffix == ".json").read_text())
     row = data["images"][0]
     for key in ("psnr_db", "ssim", "linf_255", "identity/dlib-resnet (face-api)/distance",
-                "check/dlib-resnet (face-api)/distance"):
+                "check [white-box]/dlib-resnet (face-api)/distance"):
         assert row[key] is not None, key
     assert row["linf_255"] <= 8 + 1e-4
     assert len(data["loss_curves"]["total"]) == row["steps_run"]
     assert any(f.suffix == ".csv" for f in files)
+    assert data["attacked"] == ["dlib-resnet (face-api)"]
+    assert any("White-box: dlib-resnet (face-api) was attacked" in v for v in data["verdict"])
+    assert any("No held-out recogniser judged" in v for v in data["verdict"])
 
 
 def _tiny_comfy_clip_vision(tmp_path):

@@ -92,7 +92,7 @@ def test_score_identity_end_to_end_excludes_undetected_faces(fixtures, dlib):
     gen = torch.stack([_load(photos["matt_damon"][-1]), _load(photos["katy_perry"][-1]),
                        torch.full((3, 256, 256), 0.5)])
     row = S.score_identity("protected", gen, ref, dlib)
-    k = f"{dlib.name}/"
+    k = f"{dlib.name} [attack unknown]/"
     assert row.values["fdfr"] == pytest.approx(1 / 3)
     assert row.values["faces_missing"] == 1 and row.values["faces_detected"] == 2
     cos, rule = row.per_image[k + "ism_cosine"], row.per_image[k + "ism_rule"]
@@ -256,6 +256,56 @@ def test_scores_merge_joins_rows_and_never_mutates():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_judge_role_labels_every_number_and_the_gallery_rank_identifies(fixtures, dlib):
+    """Numbers say whether their judge was attacked; a clean photo is identified first among
+    other people, a photo of someone else is not; the verdict says what can be claimed."""
+    photos = _photos(fixtures)
+    names = sorted(photos)
+    who = names[0]
+    probe = torch.stack([_load(photos[who][0]), _load(photos[names[1]][0])])  # the person, someone else
+    others = torch.stack([_load(p) for p in photos[who][1:]])
+    gallery = torch.stack([_load(photos[n][1]) for n in names[1:]])
+    white = S.score_identity("clean", probe, others, dlib, attacked=[dlib.name, "clip"], gallery=gallery)
+    k = f"{dlib.name} [white-box]/"
+    assert white.values[k + "same_person_rate"] == pytest.approx(0.5)
+    assert white.per_image[k + "rank1_rate"] == [1.0, 0.0]  # identified / not
+    assert white.per_image[k + "mean_rank"][0] == 1.0 and white.per_image[k + "mean_rank"][1] > 1.0
+    assert white.notes[f"judge: {dlib.name}"] == "white-box"
+    verdict = S.Scores([white]).verdict()
+    assert any("No held-out recogniser judged" in v for v in verdict), verdict
+    held = S.score_identity("protected", probe, others, dlib, attacked=["facenet"])
+    assert f"{dlib.name} [held out]/same_person_rate" in held.values
+    assert "rank1_rate" not in " ".join(held.values)  # no gallery, no rank
+    merged = S.Scores([white]).merge(held)
+    verdict = merged.verdict()
+    assert any(v.startswith("Held out: " + dlib.name) for v in verdict)
+    assert not any("No held-out recogniser judged" in v for v in verdict)
+    unknown = S.score_identity("x", probe, others, dlib)
+    assert f"{dlib.name} [attack unknown]/ism_rule" in unknown.values
+    assert any(v.startswith("Unknown:") for v in S.Scores([unknown]).verdict())
+
+
+def test_attacked_models_finds_networks_inside_wrapped_objectives():
+    from immunize.kernels.identity import IdentityObjective
+    from immunize.kernels.verdict import attacked_models
+
+    class Net(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.inner, self.weight, self.name = inner, 1.0, "wrapped"
+
+        def bind(self, clean):
+            return self.inner.bind(clean)
+
+    ident = IdentityObjective(recognizers=[Net("dlib"), Net("faceres")], image_encoders=[Net("clip")])
+    assert attacked_models([Wrapper(ident), IdentityObjective(recognizers=[Net("dlib")])]) == ("dlib", "faceres",
+                                                                                                  "clip")
+
+
 @pytest.fixture(scope="module")
 def comfy_env(comfy, fixtures, tmp_path_factory):
     import folder_paths
@@ -331,7 +381,7 @@ def test_score_nodes_and_report_under_inference_mode(comfy_env, fixtures, monkey
                 continue
             assert v is not None or row["unavailable"].get(k), (name, k)
     p, c = data["protected"], data["clean"]
-    k = f"{rec.name}/"
+    k = f"{rec.name} [attack unknown]/"
     assert p["fdfr"] == pytest.approx(1 / 3) and p["faces_missing"] == 1
     assert p[k + "ism_rule"] is not None and p[k + "same_person_rate"] == pytest.approx(0.5)
     assert 36.0 < p["psnr_db"] < 38.0  # ±4/255 sign noise: 20·log10(255/4) = 36.1 dB, a bit more after clipping
