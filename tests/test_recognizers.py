@@ -211,10 +211,34 @@ def test_load_face_recognizer_dispatches_on_the_file(fixtures, tmp_path):
     for path in (src / BIN, src / MANIFEST, src):
         assert isinstance(recognizers.load_face_recognizer(path), recognizers.DlibResNet)
 
-    (tmp_path / "model.onnx").write_bytes(b"\0")
+    (tmp_path / "model.tflite").write_bytes(b"\0")
     with pytest.raises(ValueError, match="face_recognition_model.bin.*InceptionResnetV1"):
-        recognizers.load_face_recognizer(tmp_path / "model.onnx")
+        recognizers.load_face_recognizer(tmp_path / "model.tflite")
     with pytest.raises(ValueError, match="not found"):
         recognizers.load_face_recognizer(tmp_path / "missing.bin")
     with pytest.raises(ValueError, match="exactly one face-api.js"):
         recognizers.load_face_recognizer(tmp_path)
+
+
+def test_load_face_recognizer_dispatches_every_format(fixtures, tmp_path):
+    """One entry point for every recogniser family: face-api (dlib), TF.js graph models (by the
+    .bin with its graph .json beside it, or the .json), ArcFace ONNX, and clear errors."""
+    from immunize.kernels.tfjs_graph import TfjsFaceRecognizer
+
+    human = fixtures / "models" / "human-models"
+    if not human.is_dir():
+        pytest.skip(f"{human} not found")
+    for f in ("faceres.json", "faceres.bin"):
+        shutil.copyfile(human / f, tmp_path / f)
+    by_bin = recognizers.load_face_recognizer(tmp_path / "faceres.bin")
+    by_json = recognizers.load_face_recognizer(tmp_path / "faceres.json")
+    assert isinstance(by_bin, TfjsFaceRecognizer) and isinstance(by_json, TfjsFaceRecognizer)
+    assert by_bin.name == "faceres"
+    assert isinstance(recognizers.load_face_recognizer(fixtures / FACEAPI / BIN), recognizers.DlibResNet)
+    (tmp_path / "det_10g.onnx").write_bytes(b"not an onnx graph")
+    pytest.importorskip("onnx2torch")
+    with pytest.raises(ValueError, match="det_10g.onnx"):
+        recognizers.load_face_recognizer(tmp_path / "det_10g.onnx")
+    (tmp_path / "x.tflite").write_bytes(b"")
+    with pytest.raises(ValueError, match="insightface ArcFace .onnx"):
+        recognizers.load_face_recognizer(tmp_path / "x.tflite")
