@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
+bash scripts/setup_browser.sh
 targets=(tests)
 if [[ $# -gt 0 && -e "${1%%::*}" ]]; then
     targets=()

@@ -76,3 +76,9 @@ def comfy():
 
     args.cpu = True
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "browser: drives the real ComfyUI frontend in headless Chromium (deselect with -m 'not browser')"
+    )
