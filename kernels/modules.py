@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Optional
 
 import torch
@@ -42,16 +43,39 @@ def _set_tensor(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
 
 def load_state_dict_file(path: str) -> dict:
     """Read a weights file safely: ``.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)`` (no pickled code is ever run). Tensors land on the CPU."""
+    ``torch.load(weights_only=True)`` (no pickled code is ever run). Tensors land on the CPU.
+    A file that cannot be read raises ValueError naming the file (not its folder: that is the
+    user's install path) and the fix."""
+    name = os.path.basename(str(path))
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError (garbage, truncated header), OSError
+            raise ValueError(f"{name} is not a valid .safetensors file ({_first_line(e)}): it is truncated, "
+                             "corrupt or another format. Download it again.") from e
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
-        raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: {e}). Use a "
-                         ".safetensors file or a plain state-dict checkpoint.") from e
+        raise ValueError(f"{name}: not a loadable weights file ({type(e).__name__}: {_first_line(e)}). Use a "
+                         ".safetensors file or a plain state-dict checkpoint; whole pickled models are not "
+                         "loaded for safety.") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (name → tensor), found {type(obj).__name__}.")
+        raise ValueError(f"{name}: expected a state dict (name → tensor), found {type(obj).__name__}.")
     return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def first_tensor(module: nn.Module) -> torch.Tensor:
+    """A tensor of ``module`` that tells its device and dtype: its first parameter, else its first
+    buffer (graph-model recognisers keep their weights as buffers)."""
+    for t in module.parameters():
+        return t
+    for t in module.buffers():
+        return t
+    raise ValueError(f"{type(module).__name__} holds no tensors: cannot tell its device or dtype")

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from . import metrics
 from .faces import FaceSet, align_faces, detect_faces
+from .modules import first_tensor
 from .verdict import gallery_ranks, judge_role, labelled, roles_from_notes, verdict_lines
 
 UNAVAILABLE = "unavailable"  # the CSV cell of a metric that could not be computed
@@ -233,7 +234,7 @@ def face_detection_failures(images: Tensor, min_prob: float = 0.9) -> tuple[Tens
 def embed_faces(images: Tensor, faces: list[FaceSet], recognizer) -> tuple[Tensor, Tensor]:
     """Embeddings ``[N,D]`` (float32, CPU) of the largest face of each image that has one, and
     ``owner`` ``[N]``, the image index of each. images ``[B,3,H,W]`` in [0, 1]."""
-    p = next(recognizer.parameters())
+    p = first_tensor(recognizer)
     x = images.detach().to(p.device, p.dtype)
     chips, owner = align_faces(x, largest_faces(faces), recognizer.template.to(p.device, p.dtype),
                                recognizer.chip_size)

