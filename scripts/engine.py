@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -50,7 +51,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO / ".engine"
 PACK_NAME = "immunize"
-MODEL_FOLDERS = ("face_recognition", "facenet", "clip_vision")
+MODEL_FOLDERS = ("face_recognition", "facenet", "insightface", "ipadapter", "clip_vision")
 BASE_FOLDERS = ("input", "output", "user", "temp")
 
 
@@ -273,8 +274,12 @@ class Engine:
         """POST an API-format workflow to /prompt; return its prompt id. Raises EngineError with
         ComfyUI's validation messages (per node) when the prompt is rejected."""
         self._check_alive()
+        try:  # NaN/inf are sent as JSON's NaN/Infinity: ComfyUI parses them and names the input
+            payload = json.dumps({"prompt": workflow, "client_id": self.client_id}, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise EngineError(f"the workflow cannot be sent as JSON: {e}") from e
         r = requests.post(
-            self.url + "/prompt", json={"prompt": workflow, "client_id": self.client_id}, timeout=60
+            self.url + "/prompt", data=payload, headers={"Content-Type": "application/json"}, timeout=60
         )
         try:
             body = r.json()
@@ -395,6 +400,44 @@ def copy_into(src: str | os.PathLike, folder: Path, name: str | None = None) -> 
     return dst
 
 
+def _finite(value: Any) -> bool:
+    """False when a (possibly nested) JSON value holds NaN or ±Infinity."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
+def _workflow_with_settings(path: str, settings: list[str]) -> dict[str, Any]:
+    """The workflow at *path* with each ``NODE.INPUT=JSON`` of *settings* applied; raises
+    EngineError with a one-line message for an unreadable workflow or a bad setting."""
+    try:
+        wf = load_workflow(path)
+    except OSError as e:
+        raise EngineError(f"cannot read the workflow {path}: {e.strerror or e}") from e
+    except ValueError as e:  # JSONDecodeError
+        raise EngineError(f"{path} is not valid JSON: {e}") from e
+    for s in settings:
+        target, eq, raw = s.partition("=")
+        if not eq or "." not in target:
+            raise EngineError(f"--set {s}: expected NODE.INPUT=VALUE, e.g. ImmunizePGDProtect.iterations=20")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if not _finite(value):
+            raise EngineError(f"--set {s}: {raw} is not a finite number; give a finite value "
+                              "(e.g. ImmunizePGDProtect.step=1.275)")
+        try:
+            set_input(wf, target, value)
+        except EngineError as e:
+            raise EngineError(f"--set {s}: {e}") from e
+    return wf
+
+
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("prepare", "serve", "run"))
@@ -410,6 +453,15 @@ def _main(argv: list[str] | None = None) -> int:
     if a.command == "prepare":
         print(prepare_base(a.base))
         return 0
+    wf = None
+    if a.command == "run":
+        if not a.workflow:
+            ap.error("run needs a workflow file")
+        try:  # every problem with the workflow or a --set is one line, before ComfyUI starts
+            wf = _workflow_with_settings(a.workflow, a.set)
+        except EngineError as e:
+            print(f"engine: {e}", file=sys.stderr)
+            return 2
     try:
         eng = Engine(a.base, a.comfyui, a.port)
     except EngineError as e:
@@ -425,16 +477,6 @@ def _main(argv: list[str] | None = None) -> int:
                 pass
         return 0
 
-    if not a.workflow:
-        ap.error("run needs a workflow file")
-    wf = load_workflow(a.workflow)
-    for s in a.set:
-        target, _, raw = s.partition("=")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        set_input(wf, target, value)
     t0 = time.monotonic()
     try:
         with eng:
