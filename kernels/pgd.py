@@ -163,7 +163,9 @@ def quantize_within_budget(
     The clean image is taken on its own 8-bit grid, c8 = round(255·clean); the perturbation in
     8-bit steps is rounded *toward zero*, d = trunc(255·adv − c8), and clipped to
     |d| ≤ floor(255·eps). Then |d| ≤ 255·|δ| per pixel, so both the L∞ and the L2 budgets
-    hold after quantisation; pixels outside a binary mask are returned unchanged (as c8/255).
+    hold after quantisation (under L2, on an image off the grid, the steps are shrunk until the
+    rounding of the clean pixels fits too); pixels outside a binary mask are returned exactly
+    as they were (the clean values, on the grid or not).
     Under L∞ a step within 10⁻³ of the next whole 8-bit step counts as that step: float32
     rounding makes 255·(c + 8/255) − 255·c land at 7.99999 for about one pixel in ten, and a
     plain trunc would silently spend 7/255 of an 8/255 budget there (taken only where it keeps
@@ -179,10 +181,21 @@ def quantize_within_budget(
         d = torch.where((c8 + snap - clean * 255.0).abs() <= eps * 255.0 + 1e-4, snap, d)
         lim = math.floor(eps * 255.0 + 1e-6)
         d = d.clamp(-lim, lim)
-    if mask is not None:
-        d = torch.where(mask > 0, d, torch.zeros_like(d))
     q = (c8 + d).clamp(0, 255)
-    return q / 255.0
+    if norm == "l2":
+        # on an image off the 8-bit grid the rounding c8 − 255·clean counts against the budget
+        # too: shrink the steps of an image until ‖q − clean‖₂ ≤ ε·√N holds
+        budget = eps * 255.0 * math.sqrt(clean[0].numel()) + 1e-4
+        for _ in range(64):
+            over = (q - clean * 255.0).flatten(1).norm(dim=1) > budget
+            if not bool(over.any()):
+                break
+            d = torch.where(over.view(-1, *([1] * (d.dim() - 1))), torch.trunc(d * 0.9), d)
+            q = (c8 + d).clamp(0, 255)
+    q = q / 255.0
+    if mask is not None:  # outside the mask: the clean pixels themselves, untouched
+        q = torch.where(mask > 0, q, clean)
+    return q
 
 
 def combine_gradients(grads: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -400,7 +413,10 @@ def check_protected(clean: Tensor, protected: Tensor, eps: float, norm: str,
     tol = 1e-5
     if quantized:
         q = protected.double() * 255
-        if float((q - q.round()).abs().max()) > 1e-3:
+        off = (q - q.round()).abs() > 1e-3
+        if mask is not None:  # outside the mask the clean pixels are returned as they were
+            off = off & (mask.to(off.device).expand(off.shape[0], 1, *off.shape[2:]) > 0)
+        if bool(off.any()):
             raise ProtectionFailed("the protected image is not on the 8-bit grid: saving would change it.")
     if norm == "linf":
         over = delta.flatten(1).abs().amax(1) > eps + tol
