@@ -116,8 +116,10 @@ class ScoreQuality(Node):
                                 tooltip=("libsvm BRISQUE model (svm.txt with normalize.pickle beside it, or a folder). Empty: "
                                          f"${BRISQUE_ENV}, then the model inside the pip package 'brisque'.")),
                 io.String.Input("lpips_weights", default="",
-                                tooltip=("torchvision AlexNet/VGG-16 weights for LPIPS (LPIPS v0.1 alex.pth/vgg.pth beside it or "
-                                         f"the pip package 'lpips'). Empty: ${LPIPS_ENV}, then torch hub's cache.")),
+                                tooltip=("LPIPS weights: models/lpips/alex.safetensors or vgg.safetensors (made by "
+                                         "scripts/convert_lpips.py; a folder picks alex), or torchvision AlexNet/VGG-16 "
+                                         "weights (LPIPS v0.1 alex.pth/vgg.pth beside it or the pip package 'lpips'). "
+                                         f"Empty: ${LPIPS_ENV}, then models/lpips/, then torch hub's cache.")),
                 ScoresType.Input("scores", optional=True, tooltip=_SCORES_TOOLTIP),
             ],
             outputs=[ScoresType.Output("scores_out", display_name="PROTECT_SCORES",
@@ -129,7 +131,14 @@ class ScoreQuality(Node):
         x = image_to_bchw(image, "image")
         ref = image_to_bchw(reference, "reference") if reference is not None else None
         brisque = find_brisque_model(_local_path(brisque_model, "brisque_model"))
-        lpips = find_lpips(_local_path(lpips_weights, "lpips_weights")) if ref is not None else (None, "no reference")
+        lpips_dirs = folder_paths.get_folder_paths("lpips") if "lpips" in folder_paths.folder_names_and_paths \
+            else [os.path.join(folder_paths.models_dir, "lpips")]
+        if ref is None:
+            lpips = (None, "no reference")
+        elif min(x.shape[-2:]) < 32:
+            lpips = (None, f"LPIPS needs images of at least 32x32 pixels; got {x.shape[-1]}x{x.shape[-2]}")
+        else:
+            lpips = find_lpips(_local_path(lpips_weights, "lpips_weights"), search_dirs=lpips_dirs)
         row = score_quality(_label(label), x, ref, brisque=brisque, lpips=lpips)
         return io.NodeOutput(_append(scores, row))
 

