@@ -80,24 +80,26 @@ def embed(images: torch.Tensor, rec) -> tuple[torch.Tensor, torch.Tensor]:
     return emb, found
 
 
-def judge(rec, emb: torch.Tensor, found: torch.Tensor, clean_emb: torch.Tensor, ids: list[str]):
-    """verified [B], rank1 [B] of probe embeddings ``emb`` against the clean gallery."""
-    people = sorted(set(ids))
-    ids_t = [people.index(i) for i in ids]
+def judge(rec, emb: torch.Tensor, found: torch.Tensor, probe_paths: list[Path], gallery_emb: torch.Tensor,
+          gallery_paths: list[Path]):
+    """verified [B], rank1 [B] of probe embeddings ``emb`` against the clean photos of all 8
+    people (the probe's own photo left out of its person's centroid)."""
+    people = sorted({p.parent.name for p in gallery_paths})
     ver, r1 = [], []
     for i in range(emb.shape[0]):
         if not bool(found[i]):
             ver.append(False)
             r1.append(False)
             continue
+        truth = people.index(probe_paths[i].parent.name)
         cents = []
-        for pi, p in enumerate(people):
-            members = [j for j in range(len(ids)) if ids_t[j] == pi and j != i]
-            cents.append(clean_emb[members].mean(0))
+        for p in people:
+            members = [j for j, g in enumerate(gallery_paths) if g.parent.name == p and g != probe_paths[i]]
+            cents.append(gallery_emb[members].mean(0))
         cents = torch.stack(cents)
         d = rec.distance(emb[i:i + 1], cents)
-        ver.append(bool(d[ids_t[i]] < rec.threshold))
-        r1.append(int(d.argmin()) == ids_t[i])
+        ver.append(bool(d[truth] < rec.threshold))
+        r1.append(int(d.argmin()) == truth)
     return torch.tensor(ver), torch.tensor(r1)
 
 
@@ -113,7 +115,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recognizers", default="dlib,faceres,mobileface")
     ap.add_argument("--judges", default="", help="held-out judges to run (default: every recogniser)")
-    ap.add_argument("--photos", type=int, default=0, help="use N photos spread over the identities (0 = all 48)")
+    ap.add_argument("--photos", type=int, default=0,
+                    help="protect N photos spread over the identities (0 = all 48); the gallery is always all 48")
     ap.add_argument("--eps", type=float, default=8.0, help="/255")
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--step", type=float, default=1.275, help="/255")
@@ -121,6 +124,10 @@ def main() -> None:
     ap.add_argument("--stop-margin", type=float, default=1.5)
     ap.add_argument("--stop-patience", type=int, default=10)
     ap.add_argument("--no-early-stop", action="store_true")
+    ap.add_argument("--target", action="store_true",
+                    help="targeted loss: pull each photo towards the next person's first photo (TIP-IM)")
+    ap.add_argument("--target-weight", type=float, default=1.0)
+    ap.add_argument("--split", type=int, default=1, help="1: one objective per recogniser (normalised gradients)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -135,8 +142,9 @@ def main() -> None:
     purifiers = {"none": lambda x: x, "jpeg75": lambda x: jpeg(x, 75), "resize0.5": lambda x: resize_down_up(x, 0.5)}
     print(f"{len(paths)} photos, {len(set(ids))} people; ε {args.eps}/255, {args.iterations} steps, "
           f"diversity {args.diversity}, stop margin {args.stop_margin} patience {args.stop_patience}, "
-          f"early stop {not args.no_early_stop}")
-    clean_emb = {n: embed(imgs, r)[0] for n, r in recs.items()}
+          f"early stop {not args.no_early_stop}, split {args.split}, targeted {args.target} (weight {args.target_weight})")
+    all_imgs, _, all_paths = load_photos(fx, 0)
+    gallery = {n: embed(all_imgs, r)[0] for n, r in recs.items()}  # every clean photo, all 8 people
 
     rows = []
     for h in judges:
@@ -145,9 +153,16 @@ def main() -> None:
         prot, steps = [], []
         for s in range(0, len(imgs), args.batch):
             x = imgs[s:s + args.batch]
+            target = None
+            if args.target:
+                people = sorted(set(ids))
+                firsts = {p: all_imgs[[q.parent.name for q in all_paths].index(p)] for p in people}
+                target = torch.stack([firsts[people[(people.index(i) + 1) % len(people)]]
+                                      for i in ids[s:s + args.batch]])
             obj = IdentityObjective(recognizers=attackers, stop_margin=args.stop_margin, diversity=args.diversity,
-                                    stop_patience=args.stop_patience, seed=s)
-            res = protect(x, [obj], PGDConfig(eps=eps, step=args.step / 255, iterations=args.iterations,
+                                    stop_patience=args.stop_patience, seed=s, target=target,
+                                    target_weight=args.target_weight)
+            res = protect(x, obj.split() if args.split else [obj], PGDConfig(eps=eps, step=args.step / 255, iterations=args.iterations,
                                               early_stop=not args.no_early_stop, seed=s))
             prot.append(res.protected)
             steps.append(res.steps_run)
@@ -155,13 +170,18 @@ def main() -> None:
         secs = time.perf_counter() - t0
         psnr, ssim = metrics.psnr(prot, imgs), metrics.ssim(prot, imgs)
         noise = noise_like(imgs, prot, eps)
+        for a in (n for n in names if n != h):  # the attacked networks' own view (white-box)
+            emb, found = embed(prot, recs[a])
+            ver, r1 = judge(recs[a], emb, found, paths, gallery[a], all_paths)
+            rows.append((f"{a} (white-box)", "+".join(n for n in names if n != h), "protected", "none",
+                         ver.float().mean().item(), r1.float().mean().item(), int((~found).sum())))
         rec = recs[h]
         for cond, x in (("clean", imgs), ("noise ±ε", noise), ("protected", prot)):
             for pname, pf in purifiers.items():
                 if cond == "clean" and pname != "none":
                     continue
                 emb, found = embed(pf(x), rec)
-                ver, r1 = judge(rec, emb, found, clean_emb[h], ids)
+                ver, r1 = judge(rec, emb, found, paths, gallery[h], all_paths)
                 rows.append((h, "+".join(n for n in names if n != h), cond, pname, ver.float().mean().item(),
                              r1.float().mean().item(), int((~found).sum())))
         print(f"held out {h}: attack {[r.name for r in attackers]}, {secs:.0f} s ({secs / len(imgs):.1f} s/photo), "

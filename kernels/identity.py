@@ -47,7 +47,7 @@ the typical different-person distance). Objectives with CLIP encoders only have 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,11 @@ class IdentityObjective:
     align_jitter: landmark jitter in chip pixels during optimisation (0 disables it);
     diversity: strength of the random view (:class:`kernels.diversity.Diversity`; 0 disables it);
     stop_patience: consecutive optimisation steps on which every recogniser must be past its
-    margin before ``reached`` (early stop) is reported.
+    margin before ``reached`` (early stop) is reported;
+    target: optional photos of ANOTHER person ``[1 or B,3,H,W]`` in [0, 1] (targeted identity loss,
+    as TIP-IM): each recogniser's embedding is also pulled towards the target's, by
+    ``target_weight · max(d(f(x+δ), f(t))/τ, ½)``, so the face is not just "nobody" but is taken
+    for someone else — which also moves it away in a gallery search.
     """
 
     recognizers: Sequence[nn.Module] = ()
@@ -94,6 +98,8 @@ class IdentityObjective:
     align_jitter: float = 2.0
     diversity: float = 0.0
     stop_patience: int = 1
+    target: Optional[Tensor] = field(default=None, repr=False)
+    target_weight: float = 1.0
     seed: int = 0
     name: str = "identity"
     faces: list = field(default=None, repr=False)  # set by bind, kept for reports
@@ -134,6 +140,7 @@ class IdentityObjective:
                 chips, owner = align_faces(clean, faces, r.template.to(device), r.chip_size)
                 clean_desc.append((r(chips), owner))
             clean_emb = [e(clean) for e in encs]
+            targets = self._target_descriptors(recs, batch, device) if self.target is not None and recs else None
 
         gen = torch.Generator().manual_seed(self.seed)
         view = Diversity(strength=float(self.diversity))
@@ -157,7 +164,7 @@ class IdentityObjective:
             loss = torch.zeros(batch, device=device)
             logs: dict[str, Tensor] = {}
             reached = torch.ones(batch, dtype=torch.bool, device=device)
-            for r, (d0, owner) in zip(recs, clean_desc):
+            for k, (r, (d0, owner)) in enumerate(zip(recs, clean_desc)):
                 chips, _ = align_faces(x_adv, faces, template(r), r.chip_size)
                 if training:
                     chips = view.resize_chips(chips, gen)
@@ -170,6 +177,10 @@ class IdentityObjective:
                 min_dist = _per_image(dist.detach(), owner, batch, reduce="amin")
                 logs[f"{r.name}/distance"] = min_dist
                 reached &= min_dist >= self.stop_margin * r.threshold
+                if targets is not None:
+                    dist_t = r.distance(d, targets[k][owner])
+                    loss = loss + self.target_weight * _per_image((dist_t / r.threshold).clamp(min=0.5), owner, batch)
+                    logs[f"{r.name}/target_distance"] = _per_image(dist_t.detach(), owner, batch)
             if training and recs:
                 streak = torch.where(reached, streak + 1, torch.zeros_like(streak))
                 reached = streak >= max(1, int(self.stop_patience))
@@ -181,3 +192,34 @@ class IdentityObjective:
             return ObjectiveOutput(loss=loss, logs=logs, reached=reached if has_target else None)
 
         return evaluate
+
+    def split(self) -> list["IdentityObjective"]:
+        """One objective per recogniser (and one for the CLIP encoders), same settings, distinct
+        seeds: chained in PGD, each one's gradient is L2-normalised before the sum, so an ensemble
+        is not led by whichever network has the largest gradients (measured: summed in one
+        objective, dlib's gradient drowned MobileFace's, which stayed unfooled)."""
+        from dataclasses import replace
+
+        parts = [replace(self, recognizers=[r], image_encoders=[], name=f"{self.name}:{r.name}", seed=self.seed + k)
+                 for k, r in enumerate(self.recognizers)]
+        if self.image_encoders:
+            parts.append(replace(self, recognizers=[], image_encoders=list(self.image_encoders),
+                                 name=f"{self.name}:clip", seed=self.seed + len(parts)))
+        return parts if len(parts) > 1 else [self]
+
+    def _target_descriptors(self, recs, batch: int, device) -> list[Tensor]:
+        """Each recogniser's descriptor of the largest face of each target photo: ``[B, D]``."""
+        t = self.target.detach().to(device=device, dtype=torch.float32)
+        if t.dim() != 4 or t.shape[1] != 3 or t.shape[0] not in (1, batch):
+            raise ValueError(f"target must be 1 or {batch} RGB photos [N,3,H,W], got {tuple(t.shape)}")
+        found = detect_faces(t, min_prob=self.min_face_prob)
+        missing = [i for i, f in enumerate(found) if len(f) == 0]
+        if missing:
+            raise NoFaceError(f"No face found in target photo(s) {missing}: the target must show another "
+                              "person's face clearly.")
+        largest = [type(f)(f.landmarks[:1], f.boxes[:1], f.probs[:1]) for f in found]
+        out = []
+        for r in recs:
+            chips, _ = align_faces(t, largest, r.template.to(device), r.chip_size)
+            out.append(r(chips).expand(batch, -1))
+        return out

@@ -19,10 +19,10 @@ class IdentityLoss(Node):
             description=(
                 "Minimises Σ similarity(f(x), f(x+δ)) over the connected encoders: face recognisers on every "
                 "face MTCNN finds (aligned differentiably), and/or a CLIP vision encoder on the whole image. "
-                "Encoders in one node are summed, each recogniser's term saturating past its margin; chained "
-                "objectives are balanced by gradient normalisation. For protection that holds against "
-                "recognisers it never saw, connect several recogniser families and keep input diversity on; "
-                "judge the result with a recogniser you did NOT connect here."
+                "Each connected network becomes its own objective, so PGD balances them by gradient "
+                "normalisation (as it does chained objectives); each recogniser's term saturates past its "
+                "margin. For protection that holds against recognisers it never saw, connect several recogniser "
+                "families and keep input diversity on; judge the result with a recogniser you did NOT connect here."
             ),
             inputs=[
                 FaceRecognizerType.Input("recognizer", optional=True,
@@ -74,7 +74,8 @@ class IdentityLoss(Node):
             weight=weight, stop_margin=stop_margin, min_face_prob=min_face_confidence, align_jitter=align_jitter,
             diversity=float(input_diversity), stop_patience=int(stop_patience),
         )
-        return io.NodeOutput(tuple(objective or ()) + (obj,))
+        # one objective per network: PGD L2-normalises each one's gradient (an even ensemble)
+        return io.NodeOutput(tuple(objective or ()) + tuple(obj.split()))
 
 
 NODES = [IdentityLoss]

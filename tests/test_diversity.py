@@ -54,3 +54,21 @@ def test_gradient_reaches_the_photo_through_random_views():
     assert torch.isfinite(img.grad).all() and (img.grad[0].abs().sum() > 0) and (img.grad[1].abs().sum() > 0)
     # the two faces saw different views
     assert not torch.allclose(chips[0], chips[1])
+
+
+def test_an_ensemble_splits_into_one_objective_per_network():
+    """Chained, each network's gradient is normalised on its own (an even ensemble)."""
+    from immunize.kernels.identity import IdentityObjective
+
+    class Net(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+    a, b, clip = Net("dlib"), Net("mobileface"), Net("clip")
+    parts = IdentityObjective(recognizers=[a, b], image_encoders=[clip], diversity=1.0, seed=5).split()
+    assert [p.name for p in parts] == ["identity:dlib", "identity:mobileface", "identity:clip"]
+    assert [list(p.recognizers) for p in parts] == [[a], [b], []] and list(parts[2].image_encoders) == [clip]
+    assert [p.seed for p in parts] == [5, 6, 7] and all(p.diversity == 1.0 for p in parts)
+    single = IdentityObjective(recognizers=[a])
+    assert single.split() == [single]
