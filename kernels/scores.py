@@ -193,17 +193,26 @@ class Scores:
         return header, cells
 
     def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
-        """Write ``stem.json`` (the full structure) and ``stem.csv`` (the table). Returns both paths."""
+        """Write ``stem.json`` (the full structure and a ``legend``), ``stem.csv`` (the table, metric
+        names as column keys) and ``stem + "legend.csv"`` (each metric's direction, what it is
+        measured against and what it is). Returns the JSON and CSV paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         jpath, cpath = directory / f"{stem}.json", directory / f"{stem}.csv"
-        jpath.write_text(json.dumps({"verdict": self.verdict(), "scores": self.as_dict()}, indent=2,
-                                    ensure_ascii=False, allow_nan=False))
+        lg = score_legend(self.metrics())
+        jpath.write_text(json.dumps({"verdict": self.verdict(), "scores": self.as_dict(), "legend": lg}, indent=2,
+                                    ensure_ascii=False, allow_nan=False), encoding="utf-8")
         header, cells = self.table(digits=7)
         with cpath.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(cells)
+        lpath = directory / (f"{stem}legend.csv" if stem.endswith("_") else f"{stem}_legend.csv")
+        with lpath.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["metric", "direction", "measured_against", "meaning"])
+            for k, e in lg["metrics"].items():
+                w.writerow([k, e["direction"], e["measured_against"], e["meaning"]])
         return jpath, cpath
 
 
@@ -464,6 +473,84 @@ def metric_wants(metric: str) -> Optional[str]:
     return _WANTS.get(base)
 
 
+REFERENCE_MEAN = "the mean embedding of the reference photos"
+ISM_NOTE = (
+    "ism_cosine vs ism_rule: ism_cosine is the plain cosine to the mean of the reference photos; for dlib it is "
+    "about 0.8–0.9 even between different people (its descriptors are not centred), so it barely separates people. "
+    "ism_rule = 1 − d/τ to the same mean, the recogniser's own rule (d its distance, τ its same-person threshold): "
+    "1 = the reference itself, < 0 = a different person. A Protection Report 'similarity' is yet another "
+    "comparison: the protected photo vs the clean copy of the same photo (dlib: 1 − d/τ, centred networks: cosine)."
+)
+
+# base metric → (measured against, what it is); the direction comes from _WANTS
+_MEANING: dict[str, tuple[str, str]] = {
+    "ism_cosine": (REFERENCE_MEAN, "ISM: plain cosine of each face's embedding (≈ 0.9 for any two faces with dlib: "
+                                   "uncentred; read ism_rule there)"),
+    "ism_rule": (REFERENCE_MEAN, "ISM by the recogniser's rule 1 − d/τ: 1 = the reference itself, < 0 = a different "
+                                 "person"),
+    "distance": (REFERENCE_MEAN, "the recogniser's own distance d; d ≥ τ (its threshold) = a different person"),
+    "same_person_rate": (REFERENCE_MEAN, "share of detected faces with d < τ (judged the same person)"),
+    "rank1_rate": ("the gallery of other people", "share of faces whose closest identity is still the person"),
+    "mean_rank": ("the gallery of other people", "mean rank of the true identity (1 = identified)"),
+    "fdfr": ("MTCNN face detection", "share of images in which no face is detected"),
+    "fdfr_clean": ("MTCNN face detection", "share of clean photos without a detected face (reference)"),
+    "faces_detected": ("MTCNN face detection", "images with a detected face"),
+    "faces_missing": ("MTCNN face detection", "images without a detected face"),
+    "psnr_db": ("the clean image", "PSNR in dB (less visible perturbation = higher)"),
+    "ssim": ("the clean image", "structural similarity, 1 = identical"),
+    "lpips": ("the clean image", "learned perceptual distance, 0 = identical"),
+    "brisque": ("no reference (natural-image statistics)", "BRISQUE naturalness score, lower = more natural"),
+    "edit_rms_255": ("the same edit run on the clean photo", "RMS difference between the two edits, in /255"),
+    "edit_psnr_db": ("the same edit run on the clean photo", "PSNR between the two edits, in dB"),
+    "l2_mask": ("the forgery of the clean photo", "TSDF distortion L2 inside the face boxes (images in [-1, 1])"),
+    "success_rate": ("the success threshold", "share of images whose distortion passes the threshold"),
+    "vs_baseline": ("the baseline's l2_mask", "how many times the baseline's distortion"),
+    "persistence": ("the distortion before fine-tuning", "distortion after fine-tuning ÷ before"),
+    "precision": ("the detector's boxes on the clean photo", "precision of the attacker's face detector"),
+    "recall": ("the detector's boxes on the clean photo", "recall of the attacker's face detector"),
+    "miss_or_misplace_rate": ("the detector's boxes on the clean photo",
+                              "share of true faces the detector misses or misplaces"),
+    "training_photos": ("the protected photos", "photos the attacker's detector kept for fine-tuning"),
+}
+_COUNTS = {"faces_detected", "faces_missing", "training_photos"}
+_REGION = {"_in_mask": " inside the mask", "_outside_mask": " outside the mask"}
+
+
+def _base(metric: str) -> tuple[str, str]:
+    base = metric.split("/")[-1].split(" #")[0]
+    for suffix in _REGION:
+        if base.endswith(suffix):
+            return base.removesuffix(suffix), suffix
+    return base, ""
+
+
+def metric_direction(metric: str) -> str:
+    """``"↓ better"`` / ``"↑ better"`` (protection, or for quality metrics a less visible
+    perturbation), ``"count"`` or ``"reference"``."""
+    wants = metric_wants(metric)
+    if wants is not None:
+        return "↓ better" if wants == "low" else "↑ better"
+    return "count" if _base(metric)[0] in _COUNTS else "reference"
+
+
+def describe_metric(metric: str) -> dict[str, str]:
+    """``{"direction", "measured_against", "meaning"}`` of a score metric (the judge's name and
+    role, when the key has them, are part of the meaning)."""
+    base, region = _base(metric)
+    against, meaning = _MEANING.get(base, ("—", "see the score node that made it"))
+    if "/" in metric:
+        meaning = f"{meaning} [{metric.rsplit('/', 1)[0]}]"
+    if base in _COUNTS and metric_wants(metric) is not None:
+        meaning += " (count)"
+    return {"direction": metric_direction(metric), "measured_against": against + _REGION.get(region, ""),
+            "meaning": meaning}
+
+
+def score_legend(metrics: Iterable[str]) -> dict:
+    """The JSON ``legend``: ``{"metrics": {metric: describe_metric(metric)}, "note": ...}``."""
+    return {"metrics": {k: describe_metric(k) for k in metrics}, "note": ISM_NOTE}
+
+
 def figure_to_image(fig) -> Tensor:
     """Draw a matplotlib figure (Agg) and close it → ``[1,H,W,3]`` float in [0, 1]."""
     import matplotlib.pyplot as plt
@@ -474,9 +561,32 @@ def figure_to_image(fig) -> Tensor:
     return torch.from_numpy(buf).float().div(255.0).unsqueeze(0)
 
 
+def _arrow(metric: str) -> str:
+    d = metric_direction(metric)
+    return d.split(" ")[0] if d.endswith("better") else d
+
+
+def _legend_lines(metrics: list[str], width: int) -> list[str]:
+    """One line per base metric shown (its direction and what it is measured against) + the ISM note."""
+    lines, seen = [], set()
+    for k in metrics:
+        base, region = _base(k)
+        key = base + region
+        if key in seen:
+            continue
+        seen.add(key)
+        e = describe_metric(base + region)
+        lines += textwrap.wrap(f"{key} ({e['direction']}): {e['meaning']}; vs {e['measured_against']}", width,
+                               subsequent_indent="    ")
+    if any(_base(k)[0] in ("ism_cosine", "ism_rule") for k in metrics):
+        lines += textwrap.wrap(ISM_NOTE, width)
+    return lines
+
+
 def render_scores(scores: Scores, width_px: int = 1400, max_metrics: int = 16) -> Tensor:
-    """The table and one bar chart per metric (bars = rows) as an image ``[1,H,W,3]`` in [0, 1].
-    Unavailable values are drawn as a labelled gap, never as a bar."""
+    """The table, one bar chart per metric (bars = rows) and a legend (each metric's direction
+    and what it is measured against) as an image ``[1,H,W,3]`` in [0, 1]. Unavailable values are
+    drawn as a labelled gap, never as a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -486,24 +596,30 @@ def render_scores(scores: Scores, width_px: int = 1400, max_metrics: int = 16) -
     keys = [k for k in scores.metrics() if metric_wants(k) is not None][:max_metrics]
     ncols = 4
     nrows_chart = max(1, math.ceil(len(keys) / ncols))
-    table_h = 0.6 + 0.32 * (len(cells) + 1) + 0.3 * len(scores.verdict())
+    table_h = 0.6 + 0.32 * (len(cells) + 1) + 0.3 * len(scores.verdict()) + 0.25
+    legend = _legend_lines(scores.metrics(), int(width_px / 7.2))
+    legend_h = 0.45 + 0.16 * len(legend)
     dpi = 100
-    fig = plt.figure(figsize=(width_px / dpi, table_h + 2.6 * nrows_chart), dpi=dpi)
-    grid = fig.add_gridspec(1 + nrows_chart, ncols, height_ratios=[table_h] + [2.6] * nrows_chart)
+    fig = plt.figure(figsize=(width_px / dpi, table_h + 2.8 * nrows_chart + legend_h), dpi=dpi)
+    grid = fig.add_gridspec(2 + nrows_chart, ncols, height_ratios=[table_h] + [2.8] * nrows_chart + [legend_h])
 
     ax = fig.add_subplot(grid[0, :])
     ax.axis("off")
     # the table shows a compact view: long metric names wrap, reasons go to the CSV/JSON
-    short = [h.replace("/", "/\n") for h in header[:-1]]
+    short = ["name"] + [f"{h.replace(' [', chr(10) + '[').replace('/', '/' + chr(10))}{chr(10)}({_arrow(h)})"
+                        for h in header[1:-1]]
     body = [[c if c != UNAVAILABLE else "n/a" for c in line[:-1]] for line in cells]
     if body:
         t = ax.table(cellText=body, colLabels=short, loc="upper center", cellLoc="center")
         t.auto_set_font_size(False)
         t.set_fontsize(7)
         t.scale(1, 1.6)
+        for (r, _), cell in t.get_celld().items():
+            if r == 0:
+                cell.set_height(cell.get_height() * (1 + 0.5 * max(c.count(chr(10)) for c in short)))
     verdict = [textwrap.fill(v, 170) for v in scores.verdict()]
-    ax.set_title("\n".join(verdict + ["scores  (n/a = unavailable, reason in the CSV/JSON)"]), fontsize=9,
-                 color="#000", loc="left" if verdict else "center")
+    ax.set_title("\n".join(verdict + ["scores  (↑/↓ = which way is better; n/a = unavailable, reason in the CSV/JSON)"]),
+                 fontsize=9, color="#000", loc="left" if verdict else "center")
 
     names = scores.names()
     colours = plt.get_cmap("tab10")
@@ -522,8 +638,14 @@ def render_scores(scores: Scores, width_px: int = 1400, max_metrics: int = 16) -
         ax.set_xlim(-0.6, len(names) - 0.4)
         ax.set_xticks(range(len(names)), [n if len(n) <= 16 else n[:15] + "…" for n in names],
                       fontsize=7, rotation=20)
-        arrow = "↓" if metric_wants(k) == "low" else "↑"
-        ax.set_title(f"{k}  ({arrow} better)", fontsize=8)
+        against = describe_metric(k)["measured_against"]
+        against = against if len(against) <= 44 else against[:43] + "…"
+        ax.set_title(f"{k}  ({metric_direction(k)})\nvs {against}", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
+
+    ax = fig.add_subplot(grid[1 + nrows_chart, :])
+    ax.axis("off")
+    ax.text(0, 1, "\n".join(legend), va="top", fontsize=7, transform=ax.transAxes)
+    ax.set_title("legend", loc="left", fontsize=9)
     fig.tight_layout()
     return figure_to_image(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Optional
 
 import torch
@@ -64,6 +65,28 @@ def check_widget_values(node_cls, values: dict) -> "bool | str":
         elif kind == "STRING" and not isinstance(value, str):
             problems.append(f"'{name}' must be text, got {value!r}")
     return True if not problems else "; ".join(problems)
+
+
+def next_output_stem(filename_prefix: str, root: Optional[str] = None) -> tuple[str, str, str]:
+    """A fresh file stem for one run of a node that writes several files (JSON, CSV, PNG, ...)
+    → ``(directory, stem, subfolder)``; write ``directory/stem + ".json"`` etc.
+
+    The stem is ``<name>_<NNNNN>_``, the pattern SaveImage uses (``_00001_.png``), so ComfyUI's
+    own counter (``folder_paths.get_save_image_path``, which only counts names of that shape)
+    sees these files too. The counter is one past the highest used by *any* file in the folder
+    named ``<name>_<digits>``, whatever follows (other extensions, names written before this
+    helper existed such as ``report_00001.json``), so nothing is ever overwritten.
+    ``root``: the base folder (default: ComfyUI's output folder); the prefix must stay inside it.
+    """
+    root = os.path.abspath(root or folder_paths.get_output_directory())
+    directory, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
+    os.makedirs(directory, exist_ok=True)
+    pattern = re.compile(re.escape(os.path.normcase(name)) + r"_(\d{5,})(?=[_.]|$)")
+    for entry in os.listdir(directory):
+        m = pattern.match(os.path.normcase(entry))
+        if m:
+            counter = max(counter, int(m.group(1)) + 1)
+    return directory, f"{name}_{counter:05}_", subfolder
 
 
 FaceRecognizerType = io.Custom("FACE_RECOGNIZER")

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io, ui
 
-import folder_paths
 
 from ..kernels.identity import IdentityObjective
 from ..kernels.verdict import UNKNOWN, judge_role
-from .common import Node, CATEGORY, FaceRecognizerType, ReportType
+from .common import Node, CATEGORY, FaceRecognizerType, ReportType, next_output_stem
 from .loaders import as_image_encoder
+
+
+def save_chart(chart: torch.Tensor, directory: str, stem: str, subfolder: str, cls=None) -> ui.SavedImages:
+    """Save a chart ``[1,H,W,3]`` once, as ``directory/stem.png`` next to the node's JSON/CSV, and
+    return the UI record that shows that saved file (type "output"), not a temp preview copy."""
+    filename = f"{stem}.png"
+    img = ui.ImageSaveHelper._convert_tensor_to_pil(chart[0])
+    meta = ui.ImageSaveHelper._create_png_metadata(cls) if getattr(cls, "hidden", None) else None
+    img.save(os.path.join(directory, filename), pnginfo=meta, compress_level=4)
+    return ui.SavedImages([ui.SavedResult(filename, subfolder, io.FolderType.output)])
 
 
 class ProtectionReportNode(Node):
@@ -25,7 +35,9 @@ class ProtectionReportNode(Node):
             category=f"{CATEGORY}/report",
             description=(
                 "Renders the loss curve, the identity similarity clean ↔ protected per encoder, PSNR, SSIM and "
-                "L∞ (/255), and writes the numbers as JSON and CSV into the output folder. The attacked networks' "
+                "L∞ (/255), and saves the chart (PNG), the numbers (JSON, CSV) and a legend CSV (each number's "
+                "direction and what it is compared with) into the output folder under one new number per run. "
+                "The attacked networks' "
                 "numbers are white-box (they show the optimisation worked, not that others are fooled): connect a "
                 "recogniser the protection did not attack to check how it transfers ('held out')."
             ),
@@ -36,7 +48,8 @@ class ProtectionReportNode(Node):
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Also score clean ↔ protected with this CLIP vision encoder."),
                 io.String.Input("filename_prefix", default="immunize/report",
-                                tooltip="Where the JSON/CSV go, relative to the output folder."),
+                                tooltip="Where the JSON/CSV/PNG go, relative to the output folder (a new "
+                                        "number each run, e.g. report_00001_.json)."),
             ],
             outputs=[io.Image.Output("chart", display_name="chart", tooltip="The report as an image.")],
             is_output_node=True,
@@ -60,11 +73,10 @@ class ProtectionReportNode(Node):
             report = dataclasses.replace(report, extra_logs={**report.extra_logs, **extra},
                                          judges={**report.judges, **roles})
 
-        out_dir = folder_paths.get_output_directory()
-        full_dir, stem, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        jpath, cpath = report.write(Path(full_dir), f"{stem}_{counter:05}")
+        directory, stem, subfolder = next_output_stem(filename_prefix)
+        report.write(Path(directory), stem)
         chart = report.render()
-        return io.NodeOutput(chart, ui=ui.PreviewImage(chart, cls=cls))
+        return io.NodeOutput(chart, ui=save_chart(chart, directory, stem, subfolder, cls))
 
 
 NODES = [ProtectionReportNode]

@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 import folder_paths
 
 from ..kernels.brisque import BRISQUE_ENV, find_brisque_model
 from ..kernels.lpips import LPIPS_ENV, find_lpips
 from ..kernels.scores import Scores, render_scores, score_edit, score_identity, score_quality
-from .common import Node, CATEGORY, FaceRecognizerType, ReportType, image_to_bchw, mask_to_b1hw
+from .common import (Node, CATEGORY, FaceRecognizerType, ReportType, image_to_bchw, mask_to_b1hw,
+                     next_output_stem)
+from .report import save_chart
 
 ScoresType = io.Custom("PROTECT_SCORES")
 
@@ -182,8 +184,9 @@ class ScoreReport(Node):
             display_name="Score Report",
             category=f"{CATEGORY}/verify",
             description=(
-                "Tables and charts all scores (one row per label) and writes them as CSV and JSON into the output "
-                "folder. Unavailable metrics are marked as such with the reason, never filled in."
+                "Tables and charts all scores (one row per label) and saves the chart (PNG), the scores (CSV, JSON) "
+                "and a legend CSV (each metric's direction and what it is measured against) into the output folder "
+                "under one new number per run. Unavailable metrics are marked as such with the reason, never filled in."
             ),
             inputs=[
                 ScoresType.Input("scores", tooltip="Scores from a score node."),
@@ -191,7 +194,8 @@ class ScoreReport(Node):
                 ScoresType.Input("scores_3", optional=True, tooltip="More scores to merge."),
                 ScoresType.Input("scores_4", optional=True, tooltip="More scores to merge."),
                 io.String.Input("filename_prefix", default="immunize/scores",
-                                tooltip="Where the CSV/JSON go, relative to the output folder."),
+                                tooltip="Where the CSV/JSON/PNG go, relative to the output folder (a new number "
+                                        "each run, e.g. scores_00001_.csv)."),
             ],
             outputs=[
                 io.Image.Output("chart", display_name="chart", tooltip="The table and one bar chart per metric."),
@@ -209,11 +213,11 @@ class ScoreReport(Node):
         merged = scores.merge(*parts)
         if not merged.rows:
             raise ValueError("'scores' holds no rows: connect a Score Identity / Quality / Edit node.")
-        out_dir = folder_paths.get_output_directory()
-        full_dir, stem, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        _, cpath = merged.write(Path(full_dir), f"{stem}_{counter:05}")
+        directory, stem, subfolder = next_output_stem(filename_prefix)
+        _, cpath = merged.write(Path(directory), stem)
         chart = render_scores(merged)
-        return io.NodeOutput(chart, cpath.read_text(encoding="utf-8"), ui=ui.PreviewImage(chart, cls=cls))
+        return io.NodeOutput(chart, cpath.read_text(encoding="utf-8"),
+                             ui=save_chart(chart, directory, stem, subfolder, cls))
 
 
 NODES = [ScoreIdentity, ScoreQuality, ScoreEdit, ScoreReport]

@@ -12,8 +12,6 @@ from typing import Any, Optional
 import torch
 from comfy_api.latest import io
 
-import folder_paths
-
 from ..kernels.detector import MODES, DetectorPoisonObjective, MTCNNDetector, detect_boxes, face_mask
 from ..kernels.pgd import check_protected
 from ..kernels.report import ProtectionReport
@@ -24,7 +22,7 @@ from ..kernels.tsdf import (
     tsdf_score_row, tsdf_scores, two_stage_protect,
 )
 from .common import (Node, CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
-                     mask_to_b1hw, protect_outputs)
+                     mask_to_b1hw, next_output_stem, protect_outputs)
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
 from .ipadapter import IPAdapterType, check_clip_vision_fits, check_ipadapter_fits, private_ip_parts
 from .scores import ScoresType, _append, _label
@@ -76,10 +74,9 @@ def diffusion_edit(model: Any, vae: Any, conditioning: Any, strength: float, ste
 
 
 def _save_json(data: dict, filename_prefix: str) -> Path:
-    out_dir = folder_paths.get_output_directory()
-    full_dir, stem, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-    path = Path(full_dir) / f"{stem}_{counter:05}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``<prefix>_<NNNNN>_.json`` with a fresh number each run (never overwrites)."""
+    directory, stem, _ = next_output_stem(filename_prefix)
+    path = Path(directory) / f"{stem}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
 

@@ -8,7 +8,8 @@
 #   3. write scikit-image's astronaut photo (NASA, public domain) into .engine/input/
 #   4. run workflows/api/identity_protect.json on a headless ComfyUI (scripts/engine.py): attack
 #      dlib + MobileFace, judge with FaceRes, which the attack never saw
-#   5. copy the protected PNG and the report files into ./output/ and print the key numbers
+#   5. copy the files it saved into ./output/ (ComfyUI's numbered names, never overwritten) and print
+#      the key numbers, each with its direction and what it is measured against
 #
 # Environment: COMFYUI_DIR=/path/to/ComfyUI to use your own ComfyUI instead of the vendored one;
 # IMMUNIZE_ENGINE=DIR for another engine base directory (default .engine/).
@@ -121,20 +122,34 @@ if proc.returncode != 0:
 res = json.loads(proc.stdout)
 
 out_dir.mkdir(parents=True, exist_ok=True)
-copied = []
+comfy_out = (base / "output").resolve()
+copied, temp = [], []
 for f in dict.fromkeys(res["files"] + res["new_files"]):
-    src = Path(f)
-    if src.is_file() and base / "input" not in src.parents:
-        dst = out_dir / src.name
-        shutil.copyfile(src, dst)
-        copied.append(dst)
+    src = Path(f).resolve()
+    if not src.is_file() or base.resolve() / "input" in src.parents:
+        continue
+    if comfy_out not in src.parents:  # a temp preview copy (PreviewImage): the saved file is what counts
+        temp.append(src)
+        continue
+    # ComfyUI numbers every file (report_00003_.json, ..._.png): keep its name and subfolder, and
+    # never overwrite a different file already in ./output/ (e.g. from another engine base)
+    dst = out_dir / src.relative_to(comfy_out)
+    n = 2
+    while dst.exists() and dst.read_bytes() != src.read_bytes():
+        dst = dst.with_name(f"{src.stem}-{n}{src.suffix}")
+        n += 1
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    copied.append(dst)
 if not any(p.suffix == ".png" for p in copied):
     sys.exit("demo: the workflow saved no PNG")
 
 print(f"\ndemo: server start {res['server_start_s']} s, workflow {res['run_s']} s")
-print("demo: files in ./output/:")
+print("demo: files in ./output/ (a new number each run; charts are the .png next to their .json/.csv):")
 for p in copied:
     print(f"  {p}")
+if temp:
+    print(f"demo: {len(temp)} temp preview image(s) not copied (a PreviewImage node shows a chart that is saved already)")
 
 
 def numbers(obj, prefix=""):
@@ -150,11 +165,31 @@ def numbers(obj, prefix=""):
         yield prefix[:-1], obj
 
 
+def direction(legend, key):
+    """'↓ better; vs ...' from the report's legend for a flattened key (its last metric part)."""
+    entries = {k: e for k, e in legend.items() if isinstance(e, dict) and "direction" in e}
+    for group in ("config", "columns", "metrics"):
+        entries.update(legend.get(group, {}))
+    parts = key.split(".")
+    for i in range(len(parts)):
+        e = entries.get(".".join(parts[i:]))
+        if e:
+            against = e["measured_against"]
+            return e["direction"] + ("" if against in ("—", "") else f"; vs {against}")
+    return ""
+
+
 for rep in (p for p in copied if p.suffix == ".json"):
-    print(f"\ndemo: key numbers from {rep.name}:")
-    items = list(numbers(json.loads(rep.read_text())))
+    print(f"\ndemo: key numbers from {rep.relative_to(out_dir)}:")
+    data = json.loads(rep.read_text(encoding="utf-8"))
+    legend = data.get("legend", {}) if isinstance(data, dict) else {}
+    items = [(k, v) for k, v in numbers(data) if not k.startswith("legend.")]
     for k, v in items[:40]:
-        print(f"  {k:48s} {v:.4g}" if isinstance(v, float) else f"  {k:48s} {v}")
+        value = f"{v:.4g}" if isinstance(v, float) else str(v)
+        label = direction(legend, k)
+        print(f"  {k:48s} {value:>10s}" + (f"   ({label})" if label else ""))
     if len(items) > 40:
         print(f"  ... {len(items) - 40} more in {rep}")
+    if legend.get("note"):
+        print("  note: " + legend["note"])
 PYEOF
