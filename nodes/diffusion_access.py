@@ -158,6 +158,13 @@ def check_supported_model(patcher: Any) -> None:
     )
     if not ok:
         mtype = getattr(getattr(base, "model_type", None), "name", "?")
+        if type(base) in SUPPORTED_MODEL_CLASSES:  # the right family, patched to another sampling
+            raise ValueError(
+                f"'model': this {family} MODEL has been patched to another sampling ({type(sampling).__name__}, "
+                f"{mtype} prediction; e.g. by a ModelSampling* node), which Immunize's diffusion nodes do not "
+                "support: they need the checkpoint's own discrete ε/v schedule. Connect the MODEL straight from "
+                "the checkpoint loader (before any ModelSampling node)."
+            )
         raise ValueError(
             f"'model': Immunize's diffusion nodes support Stable Diffusion 1.x/2.x and SDXL models; "
             f"this MODEL is {family} ({type(base).__name__}, {mtype} prediction), which is not "

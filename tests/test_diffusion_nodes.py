@@ -260,3 +260,17 @@ def test_schemas(comfy):
         info = node.GET_NODE_INFO_V1()  # what the front end receives
         assert info["output"] == ["PROTECT_OBJECTIVE"], info["output"]
         assert "objective" in info["input"]["optional"]
+
+
+def test_a_flow_patched_sd15_model_gets_a_message_that_says_so(tiny):
+    """An SD1.5 MODEL patched to flow sampling (ComfyUI's ModelSamplingSD3 node) is the right
+    family with the wrong schedule: the error says which patch to remove, not 'load an SD1.5'."""
+    import comfy_extras.nodes_model_advanced as adv
+
+    from immunize.nodes.diffusion_access import check_supported_model
+
+    patcher, _ = tiny["sd15"]
+    check_supported_model(patcher)  # the plain checkpoint MODEL is fine
+    patched = adv.ModelSamplingSD3().patch(patcher, shift=3.0)[0]
+    with pytest.raises(ValueError, match=r"SD15 MODEL has been patched to another sampling.*ModelSampling"):
+        check_supported_model(patched)
