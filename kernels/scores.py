@@ -53,7 +53,7 @@ from torch import Tensor
 from . import metrics
 from .faces import FaceSet, align_faces, detect_faces
 from .modules import first_tensor
-from .verdict import gallery_ranks, judge_role, labelled, roles_from_notes, verdict_lines
+from .verdict import gallery_ranks, held_out_outcomes, judge_role, labelled, roles_from_notes, verdict_lines
 
 UNAVAILABLE = "unavailable"  # the CSV cell of a metric that could not be computed
 NOT_MEASURED = "not measured"  # the CSV cell of a metric a row has no score node for
@@ -172,7 +172,7 @@ class Scores:
 
     def verdict(self) -> list[str]:
         """What the identity numbers can claim, by their judges' roles (kernels.verdict)."""
-        return verdict_lines(roles_from_notes(self.rows))
+        return verdict_lines(roles_from_notes(self.rows)) + held_out_outcomes(self.rows)
 
     def table(self, digits: int = 7) -> tuple[list[str], list[list[str]]]:
         """Header and text cells: every cell holds a number, ``unavailable`` or ``not measured``."""

@@ -67,17 +67,37 @@ def verdict_lines(roles: dict[str, str]) -> list[str]:
     unknown = sorted(j for j, r in roles.items() if r == UNKNOWN)
     lines = []
     if white:
-        lines.append(f"White-box: {', '.join(white)} was attacked; its numbers show the optimisation worked on "
-                     "that network, not that the photo is protected from others.")
+        lines.append(f"White-box: {', '.join(white)} {'was' if len(white) == 1 else 'were'} attacked; "
+                     f"{'its' if len(white) == 1 else 'their'} numbers show the optimisation worked on "
+                     f"{'that network' if len(white) == 1 else 'those networks'}, not that the photo is "
+                     "protected from others.")
     if held:
-        lines.append(f"Held out: {', '.join(held)} was not used by the attack; its numbers measure how the "
-                     "protection transfers to a recogniser it never saw.")
+        lines.append(f"Held out: {', '.join(held)} {'was' if len(held) == 1 else 'were'} not used by the attack; "
+                     "these numbers measure how the protection transfers to a recogniser it never saw.")
     if unknown:
         lines.append(f"Unknown: for {', '.join(unknown)} it is not known whether the attack used it (connect the "
                      "protection report to the score node).")
     if not held:
         lines.append("No held-out recogniser judged these images: nothing is known about recognisers the attack "
                      "did not use. Do not read these numbers as 'protected'.")
+    return lines
+
+
+def held_out_outcomes(rows: Sequence) -> list[str]:
+    """One sentence per score row and held-out judge: does the judge still see the person?
+    Read from the rows' ``"<judge> [held out]/same_person_rate"`` (and ``rank1_rate``) values."""
+    tag = f" [{HELD_OUT}]/"
+    lines = []
+    for r in rows:
+        for key, v in r.values.items():
+            if tag not in key or not key.endswith("/same_person_rate") or v is None:
+                continue
+            judge = key.split(tag)[0]
+            rank = r.values.get(f"{judge}{tag}rank1_rate")
+            verdict = "NOT protected against it" if v > 0 else "no longer matched"
+            lines.append(f"'{r.name}': {judge} (held out) still takes {v:.0%} of the images for the same person"
+                         + (f", identifies {rank:.0%} first in the gallery" if rank is not None else "")
+                         + f" — {verdict}.")
     return lines
 
 

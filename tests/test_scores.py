@@ -280,6 +280,9 @@ def test_judge_role_labels_every_number_and_the_gallery_rank_identifies(fixtures
     verdict = merged.verdict()
     assert any(v.startswith("Held out: " + dlib.name) for v in verdict)
     assert not any("No held-out recogniser judged" in v for v in verdict)
+    # the bottom line for the held-out judge: one of the two probes is still the person
+    assert f"'protected': {dlib.name} (held out) still takes 50% of the images for the same person — NOT " \
+           "protected against it." in verdict, verdict
     unknown = S.score_identity("x", probe, others, dlib)
     assert f"{dlib.name} [attack unknown]/ism_rule" in unknown.values
     assert any(v.startswith("Unknown:") for v in S.Scores([unknown]).verdict())
