@@ -67,6 +67,9 @@ E2E_CAPS = {
     "ImmunizeTwoStageProtect": {"stage1_iterations": 3, "stage2_iterations": 3, "refine_iterations": 2},
     "ImmunizeBackdoorScan": {"seeds": 2, "steps": 2, "width": 64, "height": 64},
     "ImmunizeSpatialAttentionUnlearning": {"steps": 3, "width": 64, "height": 64, "pool_seeds": 1, "sample_steps": 2},
+    "ImmunizeVerifyMatrix": {"steps": 2}, "ImmunizeLoRAFineTuneSet": {"steps": 3}, "ImmunizeEditImageSet": {"steps": 2},
+    "ImmunizePurifySDEditSet": {"steps": 2}, "ImmunizePurifyGrIDPureSet": {"steps": 2, "iterations": 1},
+    "ImmunizePurifyIMPRESSSet": {"steps": 2}, "ImmunizePurifyAdverseCleanerSet": {"bilateral_iterations": 2, "guided_iterations": 1},
 }
 
 
