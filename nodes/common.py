@@ -163,6 +163,26 @@ def mask_to_b1hw(mask: Optional[Tensor], like: Tensor, input_name: str = "mask")
     return m.float().clone().unsqueeze(1).expand(b, 1, h, w).clone()
 
 
+def record_protection(hidden, report, measured: dict) -> None:
+    """Put what a protect node did into the prompt's ``extra_pnginfo``, which ComfyUI documents as
+    "copied into the metadata of any .png files saved": Save Image then writes it into the PNG
+    (key ``immunize``, one entry per protect node): method, budget, steps, the networks
+    attacked, and per image the measured L∞ (/255) and PSNR (dB)."""
+    extra_pnginfo = getattr(hidden, "extra_pnginfo", None)
+    node_id = getattr(hidden, "unique_id", None)
+    if not isinstance(extra_pnginfo, dict):
+        return  # called directly, or a prompt sent without extra_data: nothing to write into
+    cfg = report.result.config
+    extra_pnginfo.setdefault("immunize", {})[str(node_id)] = {
+        "method": "+".join(report.result.final_losses), "norm": cfg.norm, "epsilon_255": round(cfg.eps * 255, 4),
+        "steps_run": report.result.steps_run, "stopped_early": report.result.stopped_early,
+        "attacked": list(report.attacked),
+        "images": [{"linf_255": float(li), "psnr_db": round(float(ps), 3)}
+                   for li, ps in zip(measured["linf_255"], measured["psnr_db"])],
+        "note": "white-box: these networks were attacked; judge with one that was not",
+    }
+
+
 def mask_input() -> io.Mask.Input:
     """The optional MASK every protect node takes."""
     return io.Mask.Input("mask", optional=True,

@@ -9,7 +9,7 @@ from ..kernels.pgd import PGDConfig, check_protected, protect
 from ..kernels.report import ProtectionReport
 from ..kernels.verdict import attacked_models
 from .common import (Node, CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
-                     mask_to_b1hw, protect_outputs)
+                     mask_to_b1hw, protect_outputs, record_protection)
 
 
 class PGDProtect(Node):
@@ -49,6 +49,7 @@ class PGDProtect(Node):
                 mask_input(),
             ],
             outputs=protect_outputs(),
+            hidden=[io.Hidden.extra_pnginfo, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -68,10 +69,11 @@ class PGDProtect(Node):
         protected = result.protected.cpu()
         clean = clean.cpu()
         # never a false "protected": finite, within ε on the 8-bit grid, changed in every image
-        check_protected(clean, protected, cfg.eps, cfg.norm, None if m is None else m.cpu())
+        measured = check_protected(clean, protected, cfg.eps, cfg.norm, None if m is None else m.cpu())
         view = (0.5 + (protected - clean) / (2 * cfg.eps)).clamp(0, 1)
         report = ProtectionReport(clean=clean, protected=protected, result=result,
                                   attacked=attacked_models(objectives))
+        record_protection(getattr(cls, "hidden", None), report, measured)
         return io.NodeOutput(bchw_to_image(protected), bchw_to_image(view), report)
 
 

@@ -22,7 +22,7 @@ from ..kernels.tsdf import (
     tsdf_score_row, tsdf_scores, two_stage_protect,
 )
 from .common import (Node, CATEGORY, ObjectiveType, Progress, bchw_to_image, device, image_to_bchw, mask_input,
-                     mask_to_b1hw, next_output_stem, protect_outputs)
+                     mask_to_b1hw, next_output_stem, protect_outputs, record_protection)
 from .diffusion_access import DenoiserAccess, VAEAccess, check_supported_model, latent_encoder
 from .ipadapter import IPAdapterType, check_clip_vision_fits, check_ipadapter_fits, private_ip_parts
 from .scores import ScoresType, _append, _label
@@ -324,6 +324,7 @@ class ImmunizeTwoStageProtect(Node):
                 mask_input(),
             ],
             outputs=protect_outputs(),
+            hidden=[io.Hidden.extra_pnginfo, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -351,10 +352,11 @@ class ImmunizeTwoStageProtect(Node):
         protected = res.protected.cpu()
         clean = clean.cpu()
         # never a false "protected": finite, within ε on the 8-bit grid, changed in every image
-        check_protected(clean, protected, cfg.eps, "linf", None if m is None else m.cpu())
+        measured = check_protected(clean, protected, cfg.eps, "linf", None if m is None else m.cpu())
         view = (0.5 + (protected - clean) / (2 * cfg.eps)).clamp(0, 1)
         report = ProtectionReport(clean=clean, protected=protected, result=res.result,
                                   attacked=attacked_models(list(interruption) + list(poison)))
+        record_protection(getattr(cls, "hidden", None), report, measured)
         return io.NodeOutput(bchw_to_image(protected), bchw_to_image(view), report)
 
 

@@ -275,7 +275,10 @@ class Engine:
         ComfyUI's validation messages (per node) when the prompt is rejected."""
         self._check_alive()
         try:  # NaN/inf are sent as JSON's NaN/Infinity: ComfyUI parses them and names the input
-            payload = json.dumps({"prompt": workflow, "client_id": self.client_id}, allow_nan=True)
+            # extra_pnginfo as the frontend sends it: SaveImage writes its entries into the PNG
+            # (PGD Protect records method, ε, steps and measured L∞/PSNR there)
+            payload = json.dumps({"prompt": workflow, "client_id": self.client_id,
+                                  "extra_data": {"extra_pnginfo": {}}}, allow_nan=True)
         except (TypeError, ValueError) as e:
             raise EngineError(f"the workflow cannot be sent as JSON: {e}") from e
         r = requests.post(

@@ -295,6 +295,12 @@ def _check_budget(wf, pgd_id, pgd, engine, result, inputs):
                 assert rms <= eps + 0.01, f"{f.name}: RMS perturbation {rms:.3f}/255 > ε={eps}/255"
             else:
                 assert linf <= eps + 1e-6, f"{f.name}: max |δ| = {linf}/255 > ε={eps}/255"
+            # the PNG says what protected it: method, ε, steps, measured L∞ and PSNR (PNG text chunk)
+            with Image.open(f) as im:
+                meta = json.loads(im.info["immunize"])[pgd_id]
+            assert meta["epsilon_255"] == pytest.approx(eps) and meta["steps_run"] >= 1 and meta["method"]
+            assert meta["images"][0]["linf_255"] == pytest.approx(linf)
+            assert meta["images"][0]["psnr_db"] > 20
 
 
 def test_bad_input_reports_a_clear_error_and_the_server_stays_up(engine, object_info, fixtures):
