@@ -20,7 +20,6 @@ A few inputs are coerced by ComfyUI itself before any node sees them (``iteratio
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -39,6 +38,8 @@ import requests
 import torch
 from PIL import Image
 
+from immunize.tests.test_e2e import engine_mod  # one loader of scripts/engine.py
+
 ROOT = Path(__file__).resolve().parents[1]
 IDENTITY_WORKFLOW = ROOT / "workflows" / "api" / "identity_protect.json"
 PGD_ITERATIONS = 2
@@ -46,19 +47,6 @@ RUN_TIMEOUT_S = 120
 HUGE_TIMEOUT_S = 20
 GOOD_EVERY = 4  # a good prompt after every GOOD_EVERY cases (and at the end)
 
-
-def _load_engine_module():
-    name = "immunize_engine"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "engine.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-engine_mod = _load_engine_module()
 
 
 # ------------------------------------------------------------------ fixture files

@@ -102,6 +102,19 @@ def _face_photos(fixtures: Path) -> list[Path]:
     return photos
 
 
+def serve_recognizers(eng, fixtures: Path) -> None:
+    """The real recognisers the workflows load, into the engine's models/face_recognition: dlib
+    (face-api) and the demo's FaceRes and MobileFace (TF.js graph models)."""
+    dest = eng.models_dir("face_recognition")
+    for f in (fixtures / "models" / "faceapi").iterdir():
+        if f.is_file():
+            shutil.copyfile(f, dest / f.name)
+    human = fixtures / "models" / "human-models"
+    for name in ("faceres.json", "faceres.bin", "mobileface.json", "mobileface.bin"):
+        if (human / name).is_file():
+            shutil.copyfile(human / name, dest / name)
+
+
 @pytest.fixture(scope="module")
 def engine(fixtures, tmp_path_factory):
     if engine_mod.find_comfyui() is None:
@@ -111,14 +124,7 @@ def engine(fixtures, tmp_path_factory):
         pytest.skip(f"face-api recogniser not found in {faceapi}")
     eng = engine_mod.Engine(tmp_path_factory.mktemp("engine"))
     eng.prepare()
-    for f in faceapi.iterdir():
-        if f.is_file():
-            shutil.copyfile(f, eng.models_dir("face_recognition") / f.name)
-    human = fixtures / "models" / "human-models"  # the demo's other recognisers (attacked and judge)
-    for stem in ("faceres", "mobileface"):
-        for ext in (".json", ".bin"):
-            if (human / f"{stem}{ext}").is_file():
-                shutil.copyfile(human / f"{stem}{ext}", eng.models_dir("face_recognition") / f"{stem}{ext}")
+    serve_recognizers(eng, fixtures)
     _random_models(eng)
     eng.start()
     try:

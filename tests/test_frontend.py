@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from immunize.tests.test_e2e import _face_photos, engine_mod
+from immunize.tests.test_e2e import _face_photos, engine_mod, serve_recognizers
 
 pytestmark = pytest.mark.browser
 
@@ -144,14 +144,7 @@ def server(fixtures, tmp_path_factory):
         pytest.skip(f"face-api recogniser not found in {faceapi}")
     eng = engine_mod.Engine(tmp_path_factory.mktemp("frontend-engine"))
     eng.prepare()
-    for f in faceapi.iterdir():
-        if f.is_file():
-            shutil.copyfile(f, eng.models_dir("face_recognition") / f.name)
-    human = fixtures / "models" / "human-models"  # the demo's other recognisers (attacked and judge)
-    for stem in ("faceres", "mobileface"):
-        for ext in (".json", ".bin"):
-            if (human / f"{stem}{ext}").is_file():
-                shutil.copyfile(human / f"{stem}{ext}", eng.models_dir("face_recognition") / f"{stem}{ext}")
+    serve_recognizers(eng, fixtures)
     _placeholder_models(eng)
     _input_images(eng, _face_photos(fixtures))
     # A returning user (no template browser over the canvas at start-up) who keeps node text

@@ -49,3 +49,15 @@ def test_twins_agree(path, comfy):
         else:  # core nodes: the API's widget values appear in the UI's widget list
             for v in widgets:
                 assert v in node["widgets_values"], (nid, v)
+
+
+@pytest.mark.parametrize("path", UI, ids=lambda p: p.stem)
+def test_every_link_points_at_the_slot_that_holds_it(path):
+    """A link's origin/target slot numbers match the output/input that lists it (the frontend
+    otherwise 'fixes' the graph on load and logs 'Expected node to match patched data')."""
+    ui = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for lid, src, sslot, dst, dslot, _ in ui["links"]:
+        ins = [i for i, inp in enumerate(nodes[dst].get("inputs", [])) if inp.get("link") == lid]
+        outs = [i for i, o in enumerate(nodes[src].get("outputs", [])) if lid in (o.get("links") or [])]
+        assert ins == [dslot] and outs == [sslot], (path.name, lid, ins, dslot, outs, sslot)
