@@ -117,6 +117,18 @@ def register_model_folders(folders: Optional[dict[str, set[str]]] = None) -> Non
             folder_paths.folder_names_and_paths[name] = ([path], set(exts))
 
 
+def model_file(path: str, what: str) -> str:
+    """An absolute path, or one relative to ComfyUI's models folder; '' stays ''. ``what`` names
+    the input in the error when the file is not there."""
+    path = (path or "").strip()
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    cand = os.path.join(folder_paths.models_dir, path)
+    if os.path.exists(cand):
+        return cand
+    raise ValueError(f"'{what}': {path!r} not found (absolute, or relative to {folder_paths.models_dir}).")
+
+
 def image_to_bchw(image: Tensor, input_name: str = "image") -> Tensor:
     """ComfyUI IMAGE ``[B,H,W,C]`` → a new float tensor ``[B,3,H,W]``; clear errors otherwise."""
     if not isinstance(image, Tensor) or image.dim() != 4:

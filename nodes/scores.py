@@ -13,7 +13,7 @@ import folder_paths
 from ..kernels.brisque import BRISQUE_ENV, find_brisque_model
 from ..kernels.lpips import LPIPS_ENV, find_lpips
 from ..kernels.scores import Scores, render_scores, score_edit, score_identity, score_quality
-from .common import (Node, CATEGORY, FaceRecognizerType, ReportType, image_to_bchw, mask_to_b1hw,
+from .common import (Node, CATEGORY, FaceRecognizerType, ReportType, image_to_bchw, mask_to_b1hw, model_file,
                      next_output_stem)
 from .report import save_chart
 
@@ -35,17 +35,6 @@ def _label(label: str) -> str:
     if not label:
         raise ValueError("'label' is empty: name the row, e.g. 'protected'.")
     return label
-
-
-def _local_path(path: str, what: str) -> str:
-    """An absolute path, or one relative to ComfyUI's models folder; '' stays ''."""
-    path = (path or "").strip()
-    if not path or os.path.isabs(path) or os.path.exists(path):
-        return path
-    cand = os.path.join(folder_paths.models_dir, path)
-    if os.path.exists(cand):
-        return cand
-    raise ValueError(f"'{what}': {path!r} not found (absolute, or relative to {folder_paths.models_dir}).")
 
 
 class ScoreIdentity(Node):
@@ -132,7 +121,7 @@ class ScoreQuality(Node):
     def execute(cls, image, label, brisque_model, lpips_weights, reference=None, scores=None) -> io.NodeOutput:
         x = image_to_bchw(image, "image")
         ref = image_to_bchw(reference, "reference") if reference is not None else None
-        brisque = find_brisque_model(_local_path(brisque_model, "brisque_model"))
+        brisque = find_brisque_model(model_file(brisque_model, "brisque_model"))
         lpips_dirs = folder_paths.get_folder_paths("lpips") if "lpips" in folder_paths.folder_names_and_paths \
             else [os.path.join(folder_paths.models_dir, "lpips")]
         if ref is None:
@@ -140,7 +129,7 @@ class ScoreQuality(Node):
         elif min(x.shape[-2:]) < 32:
             lpips = (None, f"LPIPS needs images of at least 32x32 pixels; got {x.shape[-1]}x{x.shape[-2]}")
         else:
-            lpips = find_lpips(_local_path(lpips_weights, "lpips_weights"), search_dirs=lpips_dirs)
+            lpips = find_lpips(model_file(lpips_weights, "lpips_weights"), search_dirs=lpips_dirs)
         row = score_quality(_label(label), x, ref, brisque=brisque, lpips=lpips)
         return io.NodeOutput(_append(scores, row))
 

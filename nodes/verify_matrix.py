@@ -12,7 +12,6 @@ labelled ``"<photo> | <purifier> | <attacker>"``. Purification runs once per pho
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +21,10 @@ from torch import Tensor
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
-import folder_paths
 
 from ..kernels.brisque import find_brisque_model
 from ..kernels.scores import Scores, score_identity, score_quality
-from .common import CATEGORY, FaceRecognizerType, Node, ReportType, image_to_bchw
+from .common import CATEGORY, FaceRecognizerType, Node, ReportType, image_to_bchw, model_file
 from .verify_sets import Attacker, AttackerSetType, Purifier, PurifierSetType, no_purifier
 
 ScoresType = io.Custom("PROTECT_SCORES")
@@ -120,16 +118,6 @@ def sample_grid(cells: list[list[Tensor]], tile: int = GRID_TILE) -> Tensor:
                 x += tw
             x += gap * 3
     return canvas.movedim(0, -1).unsqueeze(0).contiguous().to(comfy.model_management.intermediate_device())
-
-
-def _local_path(path: str) -> str:
-    path = (path or "").strip()
-    if not path or os.path.isabs(path) or os.path.exists(path):
-        return path
-    cand = os.path.join(folder_paths.models_dir, path)
-    if os.path.exists(cand):
-        return cand
-    raise ValueError(f"'brisque_model': {path!r} not found (absolute, or relative to {folder_paths.models_dir}).")
 
 
 def run_matrix(clean: Tensor, protected: Tensor, purifiers, attackers, judge, vae, positive, negative, latent: dict,
@@ -241,7 +229,7 @@ class ImmunizeVerifyMatrix(Node):
                 sampler_name, scheduler, min_face_confidence, brisque_model, purifiers=None, reference=None,
                 protect_report=None, gallery=None) -> io.NodeOutput:
         attacked = None if protect_report is None else protect_report.attacked
-        brisque = find_brisque_model(_local_path(brisque_model))
+        brisque = find_brisque_model(model_file(brisque_model, "brisque_model"))
         scores, grid = run_matrix(clean, protected, purifiers, attackers, judge, vae, positive, negative,
                                   latent_image, int(seed), int(steps), float(cfg), sampler_name, scheduler,
                                   float(min_face_confidence), reference, attacked, gallery, brisque)
