@@ -149,9 +149,9 @@ class IdentityObjective:
         streak = torch.zeros(batch, dtype=torch.long, device=device)  # consecutive steps past the margin
 
         def template(r) -> Tensor:
-            t = r.template
             if not torch.is_grad_enabled():
-                return t.to(device)  # the report's numbers: the exact template
+                return r.template.to(device)  # the report's numbers: the exact template
+            t = r.template.detach().float().cpu()  # the random draws are made on the CPU generator
             if view.active:
                 t = view.templates(t, r.chip_size, n_faces, gen)
             if self.align_jitter > 0:
@@ -195,17 +195,21 @@ class IdentityObjective:
 
     def split(self) -> list["IdentityObjective"]:
         """One objective per recogniser (and one for the CLIP encoders), same settings, distinct
-        seeds: chained in PGD, each one's gradient is L2-normalised before the sum, so an ensemble
-        is not led by whichever network has the largest gradients (measured: summed in one
-        objective, dlib's gradient drowned MobileFace's, which stayed unfooled)."""
+        seeds, the weight shared among them: chained in PGD, each one's gradient is L2-normalised
+        before the sum, so an ensemble is not led by whichever network has the largest gradients
+        (measured: summed in one objective, dlib's gradient drowned MobileFace's)."""
         from dataclasses import replace
 
-        parts = [replace(self, recognizers=[r], image_encoders=[], name=f"{self.name}:{r.name}", seed=self.seed + k)
-                 for k, r in enumerate(self.recognizers)]
+        n = len(self.recognizers) + (1 if self.image_encoders else 0)
+        if n <= 1:
+            return [self]
+        w = self.weight / n  # the parts together weigh what the whole did against other objectives
+        parts = [replace(self, recognizers=[r], image_encoders=[], name=f"{self.name}:{r.name}", seed=self.seed + k,
+                         weight=w) for k, r in enumerate(self.recognizers)]
         if self.image_encoders:
             parts.append(replace(self, recognizers=[], image_encoders=list(self.image_encoders),
-                                 name=f"{self.name}:clip", seed=self.seed + len(parts)))
-        return parts if len(parts) > 1 else [self]
+                                 name=f"{self.name}:clip", seed=self.seed + len(parts), weight=w))
+        return parts
 
     def _target_descriptors(self, recs, batch: int, device) -> list[Tensor]:
         """Each recogniser's descriptor of the largest face of each target photo: ``[B, D]``."""

@@ -186,11 +186,15 @@ def quantize_within_budget(
         # on an image off the 8-bit grid the rounding c8 − 255·clean counts against the budget
         # too: shrink the steps of an image until ‖q − clean‖₂ ≤ ε·√N holds
         budget = eps * 255.0 * math.sqrt(clean[0].numel()) + 1e-4
+        shape = (-1, *([1] * (d.dim() - 1)))
         for _ in range(64):
-            over = (q - clean * 255.0).flatten(1).norm(dim=1) > budget
+            kept = q if mask is None else torch.where(mask > 0, q, clean * 255.0)  # as returned below
+            norm = (kept - clean * 255.0).flatten(1).norm(dim=1)
+            over = norm > budget
             if not bool(over.any()):
                 break
-            d = torch.where(over.view(-1, *([1] * (d.dim() - 1))), torch.trunc(d * 0.9), d)
+            ratio = (budget / norm.clamp_min(1e-12)).clamp(max=0.98).view(shape)
+            d = torch.where(over.view(shape), torch.trunc(d * ratio), d)
             q = (c8 + d).clamp(0, 255)
     q = q / 255.0
     if mask is not None:  # outside the mask: the clean pixels themselves, untouched

@@ -94,7 +94,8 @@ def held_out_outcomes(rows: Sequence) -> list[str]:
                 continue
             judge = key.split(tag)[0]
             rank = r.values.get(f"{judge}{tag}rank1_rate")
-            verdict = "NOT protected against it" if v > 0 else "no longer matched"
+            still = v > 0 or (rank is not None and rank > 0)  # verified, or still found first in a gallery
+            verdict = "NOT protected against it" if still else "no longer matched"
             lines.append(f"'{r.name}': {judge} (held out) still takes {v:.0%} of the images for the same person"
                          + (f", identifies {rank:.0%} first in the gallery" if rank is not None else "")
                          + f" — {verdict}.")

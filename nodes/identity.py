@@ -43,13 +43,13 @@ class IdentityLoss(Node):
                 io.Float.Input("align_jitter", default=2.0, min=0.0, max=10.0, step=0.5,
                                tooltip="Random landmark jitter (face-chip pixels) at every step, so the protection "
                                        "survives the attacker's own, slightly different face crop. 0 disables it."),
-                io.Float.Input("input_diversity", default=0.5, min=0.0, max=1.0, step=0.05,
+                io.Float.Input("input_diversity", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="Strength of the random view each step: crop scale 0.72–1.4, shift ±8 %, "
                                        "rotation ±8°, down-up resize 0.5–1 at 1.0 (ranges shrink towards none "
                                        "below). Makes the protection hold on other crops and other recognisers; 0 "
                                        "attacks one fixed crop only. 0.5 (measured): the attacked networks are "
                                        "fooled and a held-out one as much as at 1.0."),
-                io.Int.Input("stop_patience", default=10, min=1, max=1000,
+                io.Int.Input("stop_patience", default=10, min=1, max=1000, optional=True,
                              tooltip="Early stop only after every recogniser has been past its margin on this many "
                                      "consecutive random views."),
                 ObjectiveType.Input("objective", optional=True,
@@ -59,17 +59,16 @@ class IdentityLoss(Node):
         )
 
     @classmethod
-    def execute(cls, weight, stop_margin, min_face_confidence, align_jitter=2.0, input_diversity=0.0,
-                stop_patience=1, recognizer=None, recognizer_2=None, recognizer_3=None, clip_vision=None,
+    def execute(cls, weight, stop_margin, min_face_confidence, align_jitter=2.0, input_diversity=0.5,
+                stop_patience=10, recognizer=None, recognizer_2=None, recognizer_3=None, clip_vision=None,
                 objective=None) -> io.NodeOutput:
         recs = [r for r in (recognizer, recognizer_2, recognizer_3) if r is not None]
         if not recs and clip_vision is None:
             raise ValueError("Identity Loss: connect a 'recognizer' (Load Face Recognizer) and/or a "
                              "'clip_vision' (Load CLIP Vision / Load OpenCLIP Vision).")
-        names = [r.name for r in recs]
-        if len(set(names)) < len(names):
-            raise ValueError(f"Identity Loss: the same recogniser is connected twice ({names}); connect different "
-                             "ones, or only one.")
+        if len({id(r) for r in recs}) < len(recs):
+            raise ValueError(f"Identity Loss: the same recogniser is connected twice ({[r.name for r in recs]}); "
+                             "connect different ones, or only one.")
         obj = IdentityObjective(
             recognizers=recs,
             image_encoders=[as_image_encoder(clip_vision)] if clip_vision is not None else [],

@@ -3,6 +3,7 @@ strength 0, and the gradient still reaches the photo's pixels through them."""
 
 import math
 
+import pytest
 import torch
 
 from immunize.kernels.diversity import Diversity
@@ -70,5 +71,6 @@ def test_an_ensemble_splits_into_one_objective_per_network():
     assert [p.name for p in parts] == ["identity:dlib", "identity:mobileface", "identity:clip"]
     assert [list(p.recognizers) for p in parts] == [[a], [b], []] and list(parts[2].image_encoders) == [clip]
     assert [p.seed for p in parts] == [5, 6, 7] and all(p.diversity == 1.0 for p in parts)
+    assert [p.weight for p in parts] == [pytest.approx(1 / 3)] * 3  # together they weigh what the whole did
     single = IdentityObjective(recognizers=[a])
     assert single.split() == [single]

@@ -283,6 +283,11 @@ def test_judge_role_labels_every_number_and_the_gallery_rank_identifies(fixtures
     # the bottom line for the held-out judge: one of the two probes is still the person
     assert f"'protected': {dlib.name} (held out) still takes 50% of the images for the same person — NOT " \
            "protected against it." in verdict, verdict
+    # not verified any more, but still found first in a gallery: still NOT protected
+    found = S.ScoreRow("found")
+    found.set(f"{dlib.name} [held out]/same_person_rate", 0.0)
+    found.set(f"{dlib.name} [held out]/rank1_rate", 1.0)
+    assert any("'found'" in v and "NOT protected" in v for v in S.Scores([found]).verdict())
     unknown = S.score_identity("x", probe, others, dlib)
     assert f"{dlib.name} [attack unknown]/ism_rule" in unknown.values
     assert any(v.startswith("Unknown:") for v in S.Scores([unknown]).verdict())
